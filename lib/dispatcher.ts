@@ -1,0 +1,236 @@
+// Routes a parsed request (protocol.md, "Operations"). Queries, login and logout are answered
+// from the committed state; mutations become log records and go through the committer (and,
+// in a chain, down the chain) before they are applied and answered. Also keeps the table of
+// logged-in sessions that live pushes go to.
+
+import { scrypt, randomBytes, timingSafeEqual } from 'node:crypto'
+import { ChatError, errors } from './errors.ts'
+import { commands, isOp, type Op, type Params } from './commands.ts'
+import { limits } from './limits.ts'
+import type { Request } from './protocol.ts'
+import type { ChatState, Applied, Reply, Message } from './state.ts'
+import type { RecordBody, LogRecord } from './records.ts'
+
+// A client connection as the dispatcher sees it.
+export interface Session {
+  readonly id: number
+  user: string | null // account key (lower case) once logged in
+  // Queue an event line; `taken` is called with no error once the bytes were handed to the
+  // kernel, or with an error if the connection closed first.
+  pushEvent: (line: string, taken: (err?: Error | null) => void) => void
+  // Failed logins on this connection, to slow down password guessing.
+  failedLogins: number
+}
+
+// What a dispatcher needs from the server it runs in: the state, a way to commit records, and
+// the node's identity. In a chain these change with the node's role.
+export interface Host {
+  state: () => ChatState
+  submit: (body: RecordBody) => Promise<Applied>
+  // null when this server may serve clients; otherwise the error every client request gets.
+  refuse: () => ChatError | null
+  status: () => Record<string, unknown>
+}
+
+const scryptOpts = { N: limits.scryptN, r: limits.scryptR, p: limits.scryptP, maxmem: 64 * 1024 * 1024 }
+
+function hashPassword (password: string, salt: Buffer): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    scrypt(password, salt, limits.scryptKeyBytes, scryptOpts, (err, key) => err ? reject(err) : resolve(key))
+  })
+}
+
+// Used when the account does not exist, so an unknown name costs the same time as a wrong password.
+const dummySalt = randomBytes(limits.saltBytes)
+
+const ok = (fields: Record<string, unknown> = {}): Reply => ({ ok: true, ...fields })
+
+export class Dispatcher {
+  private readonly sessionsByUser = new Map<string, Set<Session>>()
+
+  constructor (private readonly host: Host, private readonly log: (level: string, msg: string, fields?: Record<string, unknown>) => void = () => {}) {}
+
+  isPipelined (op: string): boolean {
+    return isOp(op) && commands[op].pipelined
+  }
+
+  // Answer one request. Never rejects: failures become error replies.
+  async handle (session: Session, req: Request): Promise<Reply> {
+    try {
+      if (!isOp(req.op)) throw errors.unknownOp(req.op)
+      const spec = commands[req.op]
+      const params = spec.parse(req.fields)
+      if (req.op !== 'ping' && req.op !== 'status') {
+        const refusal = this.host.refuse()
+        if (refusal) throw refusal
+      }
+      if (spec.needsLogin && session.user === null) throw errors.notLoggedIn()
+      return await this.run(session, req.op, params)
+    } catch (e) {
+      if (e instanceof ChatError) return { ok: false, error: e.toWire() } as Reply
+      this.log('error', 'request failed unexpectedly', { op: req.op, error: String((e as Error)?.stack ?? e) })
+      return { ok: false, error: errors.internal(e).toWire() } as Reply
+    }
+  }
+
+  private ridKey (session: Session, rid: string | undefined): string | undefined {
+    return rid === undefined ? undefined : `${session.user ?? ''}\u0000${rid}`
+  }
+
+  private async commit (body: RecordBody): Promise<Applied> {
+    return await this.host.submit(body)
+  }
+
+  private async run (session: Session, op: Op, p: Params<Op>): Promise<Reply> {
+    const state = this.host.state()
+    switch (op) {
+      case 'register': {
+        const q = p as Params<'register'>
+        const rk = this.ridKey(session, q.rid)
+        const stored = rk === undefined ? undefined : state.ridReply(rk)
+        if (stored) return stored
+        if (state.account(q.user)) throw errors.userExists(q.user)
+        const salt = randomBytes(limits.saltBytes)
+        const hash = await hashPassword(q.password, salt)
+        const applied = await this.commit({ op: 'register', user: q.user, salt: salt.toString('base64'), hash: hash.toString('base64'), rk })
+        return applied.reply
+      }
+      case 'login': {
+        const q = p as Params<'login'>
+        const account = state.account(q.user)
+        const salt = account ? Buffer.from(account.salt, 'base64') : dummySalt
+        const key = await hashPassword(q.password, salt)
+        await this.slowDownGuessing(session)
+        // The state may have moved on while hashing; look the account up again.
+        const now = this.host.state().account(q.user)
+        if (!account || now !== account || !timingSafeEqual(key, Buffer.from(account.hash, 'base64'))) {
+          session.failedLogins++
+          throw errors.authFailed()
+        }
+        session.failedLogins = 0
+        this.setUser(session, account.key)
+        return ok({ user: account.name, unread: account.mailbox.unread.size })
+      }
+      case 'logout':
+        this.setUser(session, null)
+        return ok()
+      case 'users': {
+        const q = p as Params<'users'>
+        return ok(state.listUsers(q.pattern, q.offset, q.limit))
+      }
+      case 'send': {
+        const q = p as Params<'send'>
+        const rk = this.ridKey(session, q.rid)
+        const from = state.accounts.get(session.user!)
+        if (!from) throw errors.notLoggedIn()
+        if (!(rk !== undefined && state.ridReply(rk)) && !state.account(q.to)) throw errors.noSuchUser(q.to)
+        const applied = await this.commit({ op: 'send', from: from.name, to: q.to, text: q.text, rk })
+        if (!applied.reply.ok) return applied.reply
+        return { ...applied.reply, delivered: applied.delivered === true, ...(applied.replayed ? { replayed: true } : {}) }
+      }
+      case 'read': {
+        const q = p as Params<'read'>
+        const applied = await this.commit({ op: 'read', user: session.user!, limit: q.limit, rk: this.ridKey(session, q.rid) })
+        return applied.reply
+      }
+      case 'history': {
+        const q = p as Params<'history'>
+        const a = state.accounts.get(session.user!)
+        if (!a) throw errors.notLoggedIn()
+        return ok({ messages: a.mailbox.newest(q.limit, q.before) })
+      }
+      case 'delete_messages': {
+        const q = p as Params<'delete_messages'>
+        const applied = await this.commit({ op: 'delete_messages', user: session.user!, ids: q.ids, rk: this.ridKey(session, q.rid) })
+        return applied.reply
+      }
+      case 'delete_account': {
+        const q = p as Params<'delete_account'>
+        const rk = this.ridKey(session, q.rid)
+        const stored = rk === undefined ? undefined : state.ridReply(rk)
+        if (stored) return stored
+        const account = state.accounts.get(session.user!)
+        if (!account) throw errors.notLoggedIn()
+        const key = await hashPassword(q.password, Buffer.from(account.salt, 'base64'))
+        if (!timingSafeEqual(key, Buffer.from(account.hash, 'base64'))) throw errors.authFailed()
+        const applied = await this.commit({ op: 'delete_account', user: account.name, created: account.created, rk })
+        return applied.reply
+      }
+      case 'ping':
+        return ok()
+      case 'status':
+        return ok(this.host.status())
+    }
+  }
+
+  // After a few failed logins on one connection, each further attempt waits longer (up to 2 s),
+  // so guessing passwords over one connection is slow. The delay is per connection and is not
+  // replicated.
+  private async slowDownGuessing (session: Session): Promise<void> {
+    if (session.failedLogins < 3) return
+    const ms = Math.min(2000, 100 * 2 ** (session.failedLogins - 3))
+    await new Promise(resolve => setTimeout(resolve, ms))
+  }
+
+  setUser (session: Session, key: string | null): void {
+    if (session.user !== null) {
+      const set = this.sessionsByUser.get(session.user)
+      set?.delete(session)
+      if (set?.size === 0) this.sessionsByUser.delete(session.user)
+    }
+    session.user = key
+    if (key !== null) {
+      let set = this.sessionsByUser.get(key)
+      if (!set) this.sessionsByUser.set(key, set = new Set())
+      set.add(session)
+    }
+  }
+
+  // Called for every record applied on the serving node, in log order: carry out its effects.
+  onApplied (_record: LogRecord, applied: Applied): void {
+    const { push, accountDeleted } = applied.effects
+    if (push) applied.delivered = this.deliver(push)
+    if (accountDeleted) {
+      for (const s of [...this.sessionsByUser.get(accountDeleted) ?? []]) {
+        this.setUser(s, null)
+        s.pushEvent(JSON.stringify({ event: 'account_deleted' }) + '\n', () => {})
+      }
+    }
+  }
+
+  // Push a message to every live session of its recipient. Once one of them has taken it, the
+  // message is marked read through the log, so a push lost with its connection stays unread.
+  private deliver (m: Message): boolean {
+    const sessions = this.sessionsByUser.get(m.to.toLowerCase())
+    if (!sessions || sessions.size === 0) return false
+    const line = JSON.stringify({ event: 'message', message: m }) + '\n'
+    let marked = false
+    for (const s of sessions) {
+      s.pushEvent(line, (err) => {
+        if (err || marked) return
+        marked = true
+        this.markRead(m.to.toLowerCase(), m.id)
+      })
+    }
+    return true
+  }
+
+  // Submitted at once, so the mark precedes any request the recipient sends after seeing the push;
+  // the committer's group commit batches marks with everything else.
+  private markRead (user: string, id: number): void {
+    this.commit({ op: 'mark_read', user, ids: [id] }).catch(e => {
+      // The message stays unread and a later read returns it: nothing is lost.
+      this.log('warn', 'could not record a pushed message as read', { user, id, error: String(e) })
+    })
+  }
+
+  sessionsOnline (): number {
+    let n = 0
+    for (const s of this.sessionsByUser.values()) n += s.size
+    return n
+  }
+
+  dropSession (session: Session): void {
+    this.setUser(session, null)
+  }
+}

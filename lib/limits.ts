@@ -1,0 +1,43 @@
+// Every bound and timeout in one place, unit last. Config flags may override some of them.
+
+export const limits = {
+  // wire
+  lineBytesMax: 64 * 1024,
+  idLengthMax: 128,
+  ridLengthMax: 64,
+  userLengthMax: 32,
+  passwordBytesMax: 1024,
+  textBytesMax: 4096,
+  patternLengthMax: 256,
+  deleteIdsMax: 1000,
+  usersLimitDefault: 100,
+  usersLimitMax: 1000,
+  readLimitDefault: 10,
+  readLimitMax: 1000,
+  historyLimitDefault: 50,
+  historyLimitMax: 1000,
+
+  // per connection: requests accepted but not yet answered; reading pauses beyond this
+  connectionInflightMax: 256,
+  // replies and pushes queued in the kernel-side socket buffer and Node's write buffer;
+  // a client that lets more than this pile up is too slow and is disconnected
+  connectionOutboundBytesMax: 8 * 1024 * 1024,
+  connectionsMax: 10_000,
+
+  // storage
+  recordBytesMax: 1024 * 1024,
+  snapshotEveryRecords: 100_000,
+  snapshotEveryBytes: 64 * 1024 * 1024,
+  // exactly-once table: oldest entries are evicted first, deterministically, by count
+  ridsMax: 100_000,
+
+  // passwords: scrypt parameters (N=2^14, r=8, p=1 is the interactive-login recommendation)
+  scryptN: 16384,
+  scryptR: 8,
+  scryptP: 1,
+  scryptKeyBytes: 32,
+  saltBytes: 16,
+
+  // shutdown
+  shutdownGraceMs: 5000
+} as const

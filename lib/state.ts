@@ -1,0 +1,337 @@
+// The replicated state machine. apply() is pure in the sense that matters for replication: it
+// reads only the record and the state, never the clock, the network or a random source, so every
+// replica that applies the same records holds the same state and reports the same digest.
+// Queries (login checks, listing, history) read the state and never change it.
+
+import assert from 'node:assert/strict'
+import type { LogRecord } from './records.ts'
+import { limits } from './limits.ts'
+import type { ErrorCode } from './errors.ts'
+
+export interface Message {
+  id: number
+  from: string
+  to: string
+  text: string
+  ts: number
+}
+
+export interface Account {
+  name: string // as registered
+  key: string // lower case: names are unique without regard to case
+  salt: string
+  hash: string
+  created: number // index of the register record
+  mailbox: Mailbox
+}
+
+// A reply as stored in the exactly-once table and sent on the wire, without the request id.
+export type Reply = { ok: true, [field: string]: unknown } | { ok: false, error: { code: ErrorCode, message: string } }
+
+// Side effects for the primary to carry out after a record is applied; replicas ignore them.
+export interface Effects {
+  push?: Message
+  accountDeleted?: string // account key
+}
+
+export interface Applied {
+  reply: Reply
+  effects: Effects
+  replayed?: boolean // the reply was stored from an earlier request with the same rid
+  delivered?: boolean // set by the primary: a push was handed to a live session
+}
+
+interface RidEntry {
+  ts: number
+  reply: Reply
+}
+
+// A user's messages, read and unread, in id order. Ids grow with the log index, so appending
+// keeps `ids` sorted and `unread` in insertion (= id) order.
+export class Mailbox {
+  readonly ids: number[] = []
+  readonly byId = new Map<number, Message & { read: boolean }>()
+  readonly unread = new Set<number>()
+
+  add (m: Message, read: boolean): void {
+    assert.ok(this.ids.length === 0 || this.ids[this.ids.length - 1] < m.id, 'message ids must grow')
+    this.ids.push(m.id)
+    this.byId.set(m.id, { ...m, read })
+    if (!read) this.unread.add(m.id)
+  }
+
+  remove (id: number): boolean {
+    if (!this.byId.delete(id)) return false
+    this.unread.delete(id)
+    this.ids.splice(lowerBound(this.ids, id), 1)
+    return true
+  }
+
+  // Newest first, ids strictly below `before` when given.
+  newest (limit: number, before?: number): Message[] {
+    let end = before === undefined ? this.ids.length : lowerBound(this.ids, before)
+    const out: Message[] = []
+    while (end > 0 && out.length < limit) out.push(publicMessage(this.byId.get(this.ids[--end])!))
+    return out
+  }
+}
+
+export function publicMessage (m: Message): Message {
+  return { id: m.id, from: m.from, to: m.to, text: m.text, ts: m.ts }
+}
+
+export function lowerBound (sorted: ArrayLike<number | string>, x: number | string): number {
+  let lo = 0
+  let hi = sorted.length
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1
+    if (sorted[mid] < x) lo = mid + 1
+    else hi = mid
+  }
+  return lo
+}
+
+// An order-independent digest of the state: the sum, in two 32-bit lanes, of a hash of every
+// account, message and exactly-once entry. Adding and removing entries keeps it current in O(1),
+// and two replicas with the same state have the same digest however they got there.
+class MultisetDigest {
+  private a = 0
+  private b = 0
+  add (entry: string): void { const [x, y] = hash2(entry); this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
+  remove (entry: string): void { const [x, y] = hash2(entry); this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
+  hex (): string { return this.a.toString(16).padStart(8, '0') + this.b.toString(16).padStart(8, '0') }
+}
+
+// Two independent 32-bit FNV-1a style hashes over UTF-16 code units.
+function hash2 (s: string): [number, number] {
+  let x = 0x811c9dc5
+  let y = 0x01000193 ^ s.length
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i)
+    x = Math.imul(x ^ c, 0x01000193)
+    y = Math.imul(y ^ c, 0x5bd1e995)
+    y ^= y >>> 15
+  }
+  x ^= x >>> 13
+  x = Math.imul(x, 0xc2b2ae35)
+  x ^= x >>> 16
+  return [x >>> 0, y >>> 0]
+}
+
+const accountEntry = (a: Account): string => `u\u0000${a.key}\u0000${a.name}\u0000${a.salt}\u0000${a.hash}\u0000${a.created}`
+const messageEntry = (owner: string, m: Message, read: boolean): string =>
+  `m\u0000${owner}\u0000${m.id}\u0000${m.from}\u0000${m.to}\u0000${m.ts}\u0000${read ? 1 : 0}\u0000${m.text}`
+const ridEntry = (key: string, e: RidEntry): string => `r\u0000${key}\u0000${e.ts}\u0000${JSON.stringify(e.reply)}`
+
+const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: { code, message } })
+
+// Snapshot chunks: one `state` chunk, then one chunk per account (with its mailbox), then the
+// exactly-once table in chunks of ridsPerChunk. Small chunks keep every frame small.
+type SnapshotMessage = [number, string, string, string, number, 0 | 1] // id, from, to, text, ts, read
+export type SnapshotChunk =
+  | { kind: 'state', version: 1, index: number, lastTs: number }
+  | { kind: 'account', name: string, salt: string, hash: string, created: number, messages: SnapshotMessage[] }
+  | { kind: 'rids', entries: Array<[string, number, Reply]> }
+const ridsPerChunk = 1000
+
+export class ChatState {
+  index = 0 // last applied log index
+  lastTs = 0
+  readonly accounts = new Map<string, Account>()
+  readonly sortedKeys: string[] = [] // account keys, sorted, for listing and prefix search
+  readonly rids = new Map<string, RidEntry>() // insertion order is eviction order
+  private readonly digestAcc = new MultisetDigest()
+
+  digest (): string { return this.digestAcc.hex() }
+
+  // The stored reply of an applied request with this exactly-once key, if any.
+  ridReply (rk: string): Reply | undefined { return this.rids.get(rk)?.reply }
+
+  account (name: string): Account | undefined { return this.accounts.get(name.toLowerCase()) }
+
+  // Apply one committed record. Records must arrive in index order, each exactly once.
+  apply (r: LogRecord): Applied {
+    assert.equal(r.i, this.index + 1, `record ${r.i} applied after ${this.index}`)
+    this.index = r.i
+    if (r.ts > this.lastTs) this.lastTs = r.ts
+    if (r.rk !== undefined) {
+      const seen = this.rids.get(r.rk)
+      // The primary never logs a second record for a key it knows; a repeat can only come from
+      // a retry that raced a failover, and it must change nothing.
+      if (seen) return { reply: seen.reply, effects: {} }
+    }
+    const applied = this.applyOp(r)
+    if (r.rk !== undefined) this.rememberRid(r.rk, { ts: r.ts, reply: applied.reply })
+    return applied
+  }
+
+  private applyOp (r: LogRecord): Applied {
+    switch (r.op) {
+      case 'register': {
+        const key = r.user.toLowerCase()
+        if (this.accounts.has(key)) return { reply: fail('USER_EXISTS', `the name ${r.user} is taken`), effects: {} }
+        const a: Account = { name: r.user, key, salt: r.salt, hash: r.hash, created: r.i, mailbox: new Mailbox() }
+        this.addAccount(a)
+        return { reply: { ok: true }, effects: {} }
+      }
+      case 'send': {
+        const to = this.accounts.get(r.to.toLowerCase())
+        if (!to) return { reply: fail('NO_SUCH_USER', `no user named ${r.to}`), effects: {} }
+        const from = this.accounts.get(r.from.toLowerCase())
+        if (!from) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
+        const m: Message = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts }
+        to.mailbox.add(m, false)
+        this.digestAcc.add(messageEntry(to.key, m, false))
+        return { reply: { ok: true, message: m }, effects: { push: m } }
+      }
+      case 'read': {
+        const a = this.accounts.get(r.user.toLowerCase())
+        if (!a) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
+        const taken: Message[] = []
+        for (const id of a.mailbox.unread) {
+          if (taken.length >= r.limit) break
+          taken.push(publicMessage(a.mailbox.byId.get(id)!))
+        }
+        for (const m of taken) this.markRead(a, m.id)
+        return { reply: { ok: true, messages: taken, remaining: a.mailbox.unread.size }, effects: {} }
+      }
+      case 'mark_read': {
+        const a = this.accounts.get(r.user.toLowerCase())
+        if (a) for (const id of r.ids) this.markRead(a, id)
+        return { reply: { ok: true }, effects: {} }
+      }
+      case 'delete_messages': {
+        const a = this.accounts.get(r.user.toLowerCase())
+        if (!a) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
+        let deleted = 0
+        const missing: number[] = []
+        for (const id of new Set(r.ids)) {
+          const m = a.mailbox.byId.get(id)
+          if (m && a.mailbox.remove(id)) {
+            this.digestAcc.remove(messageEntry(a.key, m, m.read))
+            deleted++
+          } else missing.push(id)
+        }
+        return { reply: { ok: true, deleted, missing }, effects: {} }
+      }
+      case 'delete_account': {
+        const a = this.accounts.get(r.user.toLowerCase())
+        if (!a || a.created !== r.created) return { reply: fail('NO_SUCH_USER', `no user named ${r.user}`), effects: {} }
+        this.removeAccount(a)
+        return { reply: { ok: true }, effects: { accountDeleted: a.key } }
+      }
+      case 'noop':
+        return { reply: { ok: true }, effects: {} }
+    }
+  }
+
+  private markRead (a: Account, id: number): void {
+    const m = a.mailbox.byId.get(id)
+    if (!m || m.read) return
+    this.digestAcc.remove(messageEntry(a.key, m, false))
+    m.read = true
+    a.mailbox.unread.delete(id)
+    this.digestAcc.add(messageEntry(a.key, m, true))
+  }
+
+  private addAccount (a: Account): void {
+    this.accounts.set(a.key, a)
+    this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 0, a.key)
+    this.digestAcc.add(accountEntry(a))
+  }
+
+  private removeAccount (a: Account): void {
+    for (const id of a.mailbox.ids) {
+      const m = a.mailbox.byId.get(id)!
+      this.digestAcc.remove(messageEntry(a.key, m, m.read))
+    }
+    this.digestAcc.remove(accountEntry(a))
+    this.accounts.delete(a.key)
+    this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
+  }
+
+  private rememberRid (key: string, e: RidEntry): void {
+    this.rids.set(key, e)
+    this.digestAcc.add(ridEntry(key, e))
+    if (this.rids.size > limits.ridsMax) {
+      const [oldKey, old] = this.rids.entries().next().value!
+      this.rids.delete(oldKey)
+      this.digestAcc.remove(ridEntry(oldKey, old))
+    }
+  }
+
+  // Accounts whose name matches a glob (`*`, `?`), case-insensitive, sorted; one page of them.
+  listUsers (pattern: string, offset: number, limit: number): { users: string[], total: number } {
+    const lower = pattern.toLowerCase()
+    const wild = lower.search(/[*?]/)
+    const prefix = wild < 0 ? lower : lower.slice(0, wild)
+    const re = new RegExp('^' + lower.replace(/[.+^${}()|[\]\\-]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.') + '$')
+    const users: string[] = []
+    let total = 0
+    // Names sharing the literal prefix are contiguous in sorted order.
+    for (let k = lowerBound(this.sortedKeys, prefix); k < this.sortedKeys.length; k++) {
+      const key = this.sortedKeys[k]
+      if (!key.startsWith(prefix)) break
+      if (!re.test(key)) continue
+      if (total >= offset && users.length < limit) users.push(this.accounts.get(key)!.name)
+      total++
+    }
+    return { users, total }
+  }
+
+  *snapshotChunks (): Generator<SnapshotChunk> {
+    yield { kind: 'state', version: 1, index: this.index, lastTs: this.lastTs }
+    for (const key of this.sortedKeys) {
+      const a = this.accounts.get(key)!
+      const messages: SnapshotMessage[] = []
+      for (const id of a.mailbox.ids) {
+        const m = a.mailbox.byId.get(id)!
+        messages.push([m.id, m.from, m.to, m.text, m.ts, m.read ? 1 : 0])
+      }
+      yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages }
+    }
+    let entries: Array<[string, number, Reply]> = []
+    for (const [k, e] of this.rids) {
+      entries.push([k, e.ts, e.reply])
+      if (entries.length === ridsPerChunk) {
+        yield { kind: 'rids', entries }
+        entries = []
+      }
+    }
+    if (entries.length > 0) yield { kind: 'rids', entries }
+  }
+
+  // Rebuild the state from snapshot chunks, in the order snapshotChunks() produced them.
+  static fromSnapshotChunks (chunks: Iterable<Record<string, unknown>>): ChatState {
+    const st = new ChatState()
+    let sawState = false
+    for (const raw of chunks) {
+      const c = raw as SnapshotChunk
+      switch (c.kind) {
+        case 'state':
+          assert.equal(c.version, 1, 'snapshot version')
+          st.index = c.index
+          st.lastTs = c.lastTs
+          sawState = true
+          break
+        case 'account': {
+          const a: Account = { name: c.name, key: c.name.toLowerCase(), salt: c.salt, hash: c.hash, created: c.created, mailbox: new Mailbox() }
+          st.addAccount(a)
+          for (const [id, from, to, text, ts, read] of c.messages) {
+            const m = { id, from, to, text, ts }
+            a.mailbox.add(m, read === 1)
+            st.digestAcc.add(messageEntry(a.key, m, read === 1))
+          }
+          break
+        }
+        case 'rids':
+          for (const [k, ts, reply] of c.entries) st.rememberRid(k, { ts, reply })
+          break
+        default:
+          throw new Error(`unknown snapshot chunk ${JSON.stringify((c as { kind: unknown }).kind)}`)
+      }
+    }
+    assert.ok(sawState, 'snapshot has no state chunk')
+    return st
+  }
+}

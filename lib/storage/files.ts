@@ -1,0 +1,50 @@
+// The file operations storage uses, as one seam: tests inject a wrapper that fails chosen calls
+// (a full disk, a failed fsync) without touching the real file system's behaviour otherwise.
+
+import fs from 'node:fs'
+
+export interface FileOps {
+  openSync: typeof fs.openSync
+  closeSync: typeof fs.closeSync
+  writeSync: (fd: number, buf: Buffer, offset: number, length: number, position: number | null) => number
+  fdatasyncSync: typeof fs.fdatasyncSync
+  fsyncSync: typeof fs.fsyncSync
+  ftruncateSync: typeof fs.ftruncateSync
+  fstatSync: (fd: number) => fs.Stats
+  readFileSync: (path: string) => Buffer
+  renameSync: typeof fs.renameSync
+  unlinkSync: typeof fs.unlinkSync
+  readdirSync: (path: string) => string[]
+  mkdirSync: typeof fs.mkdirSync
+}
+
+export const realFiles: FileOps = {
+  openSync: fs.openSync,
+  closeSync: fs.closeSync,
+  writeSync: (fd, buf, offset, length, position) => fs.writeSync(fd, buf, offset, length, position),
+  fdatasyncSync: fs.fdatasyncSync,
+  fsyncSync: fs.fsyncSync,
+  ftruncateSync: fs.ftruncateSync,
+  fstatSync: (fd) => fs.fstatSync(fd),
+  readFileSync: (p) => fs.readFileSync(p),
+  renameSync: fs.renameSync,
+  unlinkSync: fs.unlinkSync,
+  readdirSync: (p) => fs.readdirSync(p),
+  mkdirSync: fs.mkdirSync
+}
+
+// Write all of buf at the file's current append position, looping over short writes.
+export function writeAll (files: FileOps, fd: number, buf: Buffer): void {
+  let done = 0
+  while (done < buf.length) done += files.writeSync(fd, buf, done, buf.length - done, null)
+}
+
+// Make a directory entry change (create, rename, unlink) durable.
+export function fsyncDir (files: FileOps, dir: string): void {
+  const fd = files.openSync(dir, 'r')
+  try {
+    files.fsyncSync(fd)
+  } finally {
+    files.closeSync(fd)
+  }
+}

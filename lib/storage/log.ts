@@ -1,0 +1,185 @@
+// The append-only log, kept as segment files in the data directory.
+//
+//   log-<first index, 20 digits>.wal   a run of frames (see framing.ts), one record each,
+//                                      with indexes increasing by exactly one
+//
+// A new segment starts when a snapshot is taken, so that whole segments the snapshot covers can
+// be deleted and disk use stays bounded. Appends are made durable with fdatasync before
+// append() returns; the caller batches records so many writes share one fsync (group commit).
+//
+// Recovery reads every segment in order. A frame that is cut short or damaged at the very end of
+// the last segment is a torn write from a crash: it is truncated with a warning. A damaged frame
+// with a valid frame anywhere after it is corruption, and recovery refuses, naming file and offset.
+
+import path from 'node:path'
+import { decodeFrame, validFrameAfter } from './framing.ts'
+import { type FileOps, writeAll, fsyncDir } from './files.ts'
+import { errors, ChatError } from '../errors.ts'
+import type { LogRecord } from '../records.ts'
+
+const segmentPattern = /^log-(\d{20})\.wal$/
+export const segmentName = (firstIndex: number): string => `log-${String(firstIndex).padStart(20, '0')}.wal`
+
+export class CorruptLogError extends Error {
+  constructor (readonly file: string, readonly offset: number, why: string) {
+    super(`corrupt log ${file} at offset ${offset}: ${why}; refusing to start (move the file aside to recover what precedes it)`)
+    this.name = 'CorruptLogError'
+  }
+}
+
+interface Segment {
+  firstIndex: number
+  file: string
+}
+
+export interface RecoveryResult {
+  lastIndex: number // last valid record in the log, or afterIndex if the log holds nothing newer
+  truncatedBytes: number
+}
+
+export type Warn = (msg: string, fields?: Record<string, unknown>) => void
+
+function isRecord (v: Record<string, unknown>): v is Record<string, unknown> & LogRecord {
+  return Number.isSafeInteger(v.i) && (v.i as number) > 0 && typeof v.op === 'string' && Number.isSafeInteger(v.e) && typeof v.ts === 'number'
+}
+
+export class SegmentLog {
+  private segments: Segment[] = []
+  private fd = -1
+  private size = 0 // bytes in the open (last) segment, all of them durable
+  private failure: ChatError | null = null
+  lastIndex = 0
+
+  constructor (private readonly dir: string, private readonly files: FileOps, private readonly warn: Warn) {}
+
+  // Read the log, hand every record with index > afterIndex to onRecord in order, truncate a torn
+  // tail, and open the last segment for appending. Throws CorruptLogError on corruption.
+  recover (afterIndex: number, onRecord: (r: LogRecord) => void): RecoveryResult {
+    this.segments = this.files.readdirSync(this.dir)
+      .map(f => segmentPattern.exec(f))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map(m => ({ firstIndex: Number(m[1]), file: path.join(this.dir, m[0]) }))
+      .sort((a, b) => a.firstIndex - b.firstIndex)
+    let prev: number | null = null
+    let truncatedBytes = 0
+    for (let k = 0; k < this.segments.length; k++) {
+      const seg = this.segments[k]
+      const last = k === this.segments.length - 1
+      if (prev !== null && seg.firstIndex !== prev + 1) throw new CorruptLogError(seg.file, 0, `segment starts at ${seg.firstIndex} but the previous one ends at ${prev}`)
+      const buf = this.files.readFileSync(seg.file)
+      let off = 0
+      while (off < buf.length) {
+        const f = decodeFrame(buf, off)
+        const why = f.kind === 'bad' ? f.why : f.kind === 'short' ? 'frame cut short' : isRecord(f.value) ? null : 'not a log record'
+        if (why !== null || f.kind !== 'ok') {
+          if (last && (f.kind === 'short' || !validFrameAfter(buf, off))) {
+            this.warn('truncating a torn write at the end of the log', { file: seg.file, offset: off, bytes: buf.length - off, why })
+            truncatedBytes = buf.length - off
+            this.truncateFile(seg.file, off)
+            break
+          }
+          throw new CorruptLogError(seg.file, off, why ?? 'bad frame')
+        }
+        const r = f.value as unknown as LogRecord
+        const expected: number = prev === null ? seg.firstIndex : prev + 1
+        if (r.i !== expected) throw new CorruptLogError(seg.file, off, `record index ${r.i} where ${expected} was expected`)
+        if (prev === null && r.i > afterIndex + 1) throw new CorruptLogError(seg.file, off, `log resumes at ${r.i} but the snapshot ends at ${afterIndex}`)
+        if (r.i > afterIndex) onRecord(r)
+        prev = r.i
+        off = f.next
+      }
+      if (prev === null) {
+        if (seg.firstIndex > afterIndex + 1) throw new CorruptLogError(seg.file, 0, `log resumes at ${seg.firstIndex} but the snapshot ends at ${afterIndex}`)
+        prev = seg.firstIndex - 1
+      }
+    }
+    this.lastIndex = Math.max(afterIndex, prev ?? 0)
+    if (prev !== null && prev < afterIndex && this.segments.length > 0) {
+      // Everything in the log is covered by the snapshot: start a fresh segment after it.
+      this.segments.push(this.createSegment(afterIndex + 1))
+    }
+    if (this.segments.length === 0) this.segments.push(this.createSegment(afterIndex + 1))
+    this.openLast()
+    return { lastIndex: this.lastIndex, truncatedBytes }
+  }
+
+  // Append encoded frames holding records lastIndex+1 .. lastIndexAfter, durably: when this
+  // returns, the bytes are fsync'd. On a write error the partial write is cut off again and the
+  // log stays usable; after a failed fsync the page cache is in an unknown state, so the log
+  // refuses every later append (the member must recover from disk or from its peers).
+  append (frames: Buffer, lastIndexAfter: number): void {
+    if (this.failure) throw this.failure
+    const before = this.size
+    try {
+      writeAll(this.files, this.fd, frames)
+    } catch (e) {
+      try {
+        this.files.ftruncateSync(this.fd, before)
+      } catch (e2) {
+        this.failure = errors.storage(e2)
+      }
+      throw errors.storage(e)
+    }
+    try {
+      this.files.fdatasyncSync(this.fd)
+    } catch (e) {
+      this.failure = errors.storage(e)
+      throw this.failure
+    }
+    this.size += frames.length
+    this.lastIndex = lastIndexAfter
+  }
+
+  get failed (): ChatError | null { return this.failure }
+  get currentSegmentBytes (): number { return this.size }
+
+  // Start a new segment for records after lastIndex, so the ones before can be compacted away.
+  roll (): void {
+    const cur = this.segments[this.segments.length - 1]
+    if (cur.firstIndex === this.lastIndex + 1) return // already empty
+    this.files.closeSync(this.fd)
+    this.fd = -1
+    this.segments.push(this.createSegment(this.lastIndex + 1))
+    this.openLast()
+  }
+
+  // Delete segments whose every record is at or below snapshotIndex.
+  compact (snapshotIndex: number): number {
+    let removed = 0
+    while (this.segments.length > 1 && this.segments[1].firstIndex <= snapshotIndex + 1) {
+      this.files.unlinkSync(this.segments[0].file)
+      this.segments.shift()
+      removed++
+    }
+    if (removed > 0) fsyncDir(this.files, this.dir)
+    return removed
+  }
+
+  close (): void {
+    if (this.fd >= 0) this.files.closeSync(this.fd)
+    this.fd = -1
+  }
+
+  private createSegment (firstIndex: number): Segment {
+    const file = path.join(this.dir, segmentName(firstIndex))
+    this.files.closeSync(this.files.openSync(file, 'a'))
+    fsyncDir(this.files, this.dir)
+    return { firstIndex, file }
+  }
+
+  private openLast (): void {
+    const seg = this.segments[this.segments.length - 1]
+    this.fd = this.files.openSync(seg.file, 'a')
+    this.size = this.files.fstatSync(this.fd).size
+  }
+
+  private truncateFile (file: string, length: number): void {
+    const fd = this.files.openSync(file, 'r+')
+    try {
+      this.files.ftruncateSync(fd, length)
+      this.files.fsyncSync(fd)
+    } finally {
+      this.files.closeSync(fd)
+    }
+  }
+}

@@ -1,0 +1,115 @@
+// Snapshots of the state machine.
+//
+//   snapshot-<index, 20 digits>.snap   frames (see framing.ts): a head chunk, the state's chunks,
+//                                      and an end chunk; the state as of that log index
+//
+// A snapshot is written to a temporary file, fsync'd, renamed into place and the directory
+// fsync'd, so a crash at any point leaves either the old snapshot or the complete new one.
+// Chunking keeps every frame small however large the state grows.
+
+import path from 'node:path'
+import { encodeFrame, decodeFrame } from './framing.ts'
+import { type FileOps, writeAll, fsyncDir } from './files.ts'
+
+const snapshotPattern = /^snapshot-(\d{20})\.snap$/
+const snapshotName = (index: number): string => `snapshot-${String(index).padStart(20, '0')}.snap`
+const flushBytes = 1024 * 1024
+
+export class CorruptSnapshotError extends Error {
+  constructor (readonly file: string, readonly offset: number, why: string) {
+    super(`corrupt snapshot ${file} at offset ${offset}: ${why}; refusing to start`)
+    this.name = 'CorruptSnapshotError'
+  }
+}
+
+export interface LoadedSnapshot {
+  index: number
+  file: string
+  chunks: Array<Record<string, unknown>>
+}
+
+// Durably write the snapshot for `index`. Returns its path once it is safely in place.
+export function writeSnapshot (files: FileOps, dir: string, index: number, chunks: Iterable<object>): string {
+  const final = path.join(dir, snapshotName(index))
+  const tmp = final + '.tmp'
+  const fd = files.openSync(tmp, 'w')
+  try {
+    let pending: Buffer[] = []
+    let pendingBytes = 0
+    const flush = (): void => {
+      writeAll(files, fd, Buffer.concat(pending, pendingBytes))
+      pending = []
+      pendingBytes = 0
+    }
+    for (const chunk of [{ kind: 'head', index }, ...chunks, { kind: 'end', index }]) {
+      const frame = encodeFrame(chunk)
+      pending.push(frame)
+      pendingBytes += frame.length
+      if (pendingBytes >= flushBytes) flush()
+    }
+    flush()
+    files.fsyncSync(fd)
+  } catch (e) {
+    files.closeSync(fd)
+    try { files.unlinkSync(tmp) } catch { /* best effort: a stale temp file is ignored and removed at the next start */ }
+    throw e
+  }
+  files.closeSync(fd)
+  files.renameSync(tmp, final)
+  fsyncDir(files, dir)
+  return final
+}
+
+function listSnapshots (files: FileOps, dir: string): Array<{ index: number, file: string }> {
+  return files.readdirSync(dir)
+    .map(f => snapshotPattern.exec(f))
+    .filter((m): m is RegExpExecArray => m !== null)
+    .map(m => ({ index: Number(m[1]), file: path.join(dir, m[0]) }))
+    .sort((a, b) => a.index - b.index)
+}
+
+// Load the newest snapshot, or null if there is none. Throws CorruptSnapshotError if the newest
+// one is damaged: an older snapshot cannot stand in for it, since the log it needs is compacted.
+export function loadNewestSnapshot (files: FileOps, dir: string): LoadedSnapshot | null {
+  const all = listSnapshots(files, dir)
+  if (all.length === 0) return null
+  const { index, file } = all[all.length - 1]
+  const buf = files.readFileSync(file)
+  const chunks: Array<Record<string, unknown>> = []
+  let off = 0
+  let ended = false
+  while (off < buf.length) {
+    const f = decodeFrame(buf, off)
+    if (f.kind !== 'ok') throw new CorruptSnapshotError(file, off, f.kind === 'bad' ? f.why : 'frame cut short')
+    const c = f.value
+    if (chunks.length === 0 && !(c.kind === 'head' && c.index === index)) throw new CorruptSnapshotError(file, off, 'missing head')
+    if (c.kind === 'end') {
+      ended = true
+      off = f.next
+      break
+    }
+    if (c.kind !== 'head') chunks.push(c)
+    else if (off !== 0) throw new CorruptSnapshotError(file, off, 'second head')
+    off = f.next
+  }
+  if (!ended || off !== buf.length) throw new CorruptSnapshotError(file, off, ended ? 'data after the end' : 'missing end')
+  return { index, file, chunks }
+}
+
+// Remove snapshots older than `index` and temporary files left by a crash.
+export function removeOldSnapshots (files: FileOps, dir: string, index: number): void {
+  let removed = false
+  for (const s of listSnapshots(files, dir)) {
+    if (s.index < index) {
+      files.unlinkSync(s.file)
+      removed = true
+    }
+  }
+  for (const f of files.readdirSync(dir)) {
+    if (f.startsWith('snapshot-') && f.endsWith('.snap.tmp')) {
+      files.unlinkSync(path.join(dir, f))
+      removed = true
+    }
+  }
+  if (removed) fsyncDir(files, dir)
+}
