@@ -82,14 +82,14 @@ export function loadNewestSnapshot (files: FileOps, dir: string): LoadedSnapshot
     const f = decodeFrame(buf, off)
     if (f.kind !== 'ok') throw new CorruptSnapshotError(file, off, f.kind === 'bad' ? f.why : 'frame cut short')
     const c = f.value
-    if (chunks.length === 0 && !(c.kind === 'head' && c.index === index)) throw new CorruptSnapshotError(file, off, 'missing head')
+    const isHead = c.kind === 'head'
+    if ((off === 0) !== isHead || (isHead && c.index !== index)) throw new CorruptSnapshotError(file, off, off === 0 ? 'missing head' : 'head out of place')
     if (c.kind === 'end') {
       ended = true
       off = f.next
       break
     }
-    if (c.kind !== 'head') chunks.push(c)
-    else if (off !== 0) throw new CorruptSnapshotError(file, off, 'second head')
+    if (!isHead) chunks.push(c)
     off = f.next
   }
   if (!ended || off !== buf.length) throw new CorruptSnapshotError(file, off, ended ? 'data after the end' : 'missing end')

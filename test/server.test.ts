@@ -1,0 +1,228 @@
+// One real server process, driven over raw sockets exactly as `nc` would.
+
+import t from 'tap'
+import fs from 'node:fs'
+import net from 'node:net'
+import { startServer, runServer, tmpDir, RawConn, waitFor } from './helpers/spawn.ts'
+
+t.test('the executable: readiness line, flags, signals', async t => {
+  const data = tmpDir(t, 'exe')
+  const s = await startServer(t, { data })
+  t.ok(s.port > 0, 'port 0 picks a free port and the readiness line names it')
+
+  const bad = await runServer(['--port', '1', '--bogus'])
+  t.equal(bad.code, 2, 'an unknown flag exits 2')
+  t.match(bad.stderr, /usage: chainchat-server/, 'and prints the usage')
+  const noPort = await runServer([])
+  t.equal(noPort.code, 2, 'a missing --port exits 2')
+  const badPort = await runServer(['--port', 'x1'])
+  t.equal(badPort.code, 2)
+  const help = await runServer(['--help'])
+  t.equal(help.code, 0)
+  t.match(help.stdout, /--snapshot-every-records/)
+
+  const second = await runServer(['--port', '0', '--data', data])
+  t.equal(second.code, 1, 'a second server on the same data directory exits non-zero')
+  t.match(second.stderr, /in use by another server \(pid \d+\)/, 'with a clear error')
+
+  const c = await RawConn.open(s.port)
+  t.same(await c.req({ op: 'ping', id: 1 }), { ok: true, id: 1 })
+  t.equal(await s.stop(), 0, 'SIGTERM exits 0')
+  await c.waitClosed()
+  t.ok(fs.existsSync(data), 'data directory kept')
+  t.notOk(fs.existsSync(`${data}/LOCK`), 'the lock is released')
+
+  const again = await startServer(t, { data, args: [] })
+  t.ok(again.port > 0, 'the directory can be used again after a clean stop')
+  again.kill('SIGKILL')
+  await again.exited
+  const afterKill = await startServer(t, { data })
+  t.ok(afterKill.port > 0, 'a lock left by a killed server is taken over at once')
+  afterKill.kill('SIGINT')
+  t.equal((await afterKill.exited).code, 0, 'SIGINT also stops cleanly')
+})
+
+t.test('the whole feature list over a raw socket', async t => {
+  const s = await startServer(t, { data: tmpDir(t, 'features') })
+  const a = await RawConn.open(s.port)
+  const b = await RawConn.open(s.port)
+  t.teardown(() => { a.close(); b.close() })
+
+  t.same(await a.req({ op: 'register', user: 'Alice', password: 'pa' }), { ok: true, id: 'r1' })
+  t.equal((await a.req({ op: 'register', user: 'alice', password: 'x' })).error?.code, 'USER_EXISTS')
+  t.same(await a.req({ op: 'register', user: 'bob', password: 'pb', rid: 'reg-bob' }), { ok: true, id: 'r3' })
+  t.same(await a.req({ op: 'register', user: 'bob', password: 'pb', rid: 'reg-bob' }), { ok: true, id: 'r4' }, 'a retried register gets its original ok')
+  t.equal((await a.req({ op: 'login', user: 'nobody', password: 'x' })).error?.code, 'AUTH_FAILED', 'unknown user: AUTH_FAILED')
+  const login = await a.req({ op: 'login', user: 'ALICE', password: 'pa' })
+  t.same(login, { ok: true, id: 'r6', user: 'Alice', unread: 0 }, 'login in any case, name as registered')
+
+  // offline then online delivery
+  const s1 = await a.req({ op: 'send', to: 'bob', text: 'one' })
+  t.equal(s1.delivered, false)
+  const msg = s1.message as { id: number, ts: number }
+  t.ok(Number.isInteger(msg.id) && msg.ts > 0, 'server-assigned id and time')
+  t.same(await b.req({ op: 'login', user: 'bob', password: 'pb' }), { ok: true, id: 'r1', user: 'bob', unread: 1 }, 'unread count at login')
+  const live = await a.req({ op: 'send', to: 'bob', text: 'two' })
+  t.equal(live.delivered, true)
+  const ev = await b.waitEvent(e => e.event === 'message')
+  t.same(ev, { event: 'message', message: live.message }, 'push carries the message')
+  const read = await b.req({ op: 'read' })
+  t.same((read.messages as Array<{ text: string }>).map(m => m.text), ['one'], 'the pushed message counts as read')
+  t.equal(read.remaining, 0)
+
+  // history paging
+  for (let k = 0; k < 5; k++) await a.req({ op: 'send', to: 'bob', text: `p${k}` })
+  const h1 = await b.req({ op: 'history', limit: 3 })
+  const page1 = h1.messages as Array<{ id: number, text: string }>
+  t.same(page1.map(m => m.text), ['p4', 'p3', 'p2'])
+  const h2 = await b.req({ op: 'history', limit: 10, before: page1[2].id })
+  t.same((h2.messages as Array<{ text: string }>).map(m => m.text), ['p1', 'p0', 'two', 'one'])
+
+  // users
+  const u = await b.req({ op: 'users', pattern: '*', limit: 1, offset: 1 })
+  t.same(u, { ok: true, id: u.id, users: ['bob'], total: 2 })
+
+  // a message to oneself
+  const self = await a.req({ op: 'send', to: 'alice', text: 'note to self' })
+  t.equal(self.ok, true)
+
+  // status
+  const st = await a.req({ op: 'status' })
+  t.match(st, { ok: true, node: `127.0.0.1:${s.port}`, role: 'single', chain: [`127.0.0.1:${s.port}`], primary: `127.0.0.1:${s.port}`, storage: 'ok' })
+  t.match(st.digest, /^[0-9a-f]{16}$/)
+  t.equal(st.clients, 2)
+  t.equal(st.sessions, 2)
+
+  // logout
+  t.same(await b.req({ op: 'logout' }), { ok: true, id: 'r6' })
+  t.equal((await b.req({ op: 'history' })).error?.code, 'NOT_LOGGED_IN')
+  t.equal((await b.req({ op: 'logout' })).error?.code, 'NOT_LOGGED_IN')
+  const off = await a.req({ op: 'send', to: 'bob', text: 'after logout' })
+  t.equal(off.delivered, false, 'no push to a logged-out connection')
+})
+
+t.test('the bad-input table leaves the connection and the data intact', async t => {
+  const s = await startServer(t, { data: tmpDir(t, 'badinput') })
+  const c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  await c.req({ op: 'register', user: 'u', password: 'p' })
+  await c.req({ op: 'login', user: 'u', password: 'p' })
+  const before = (await c.req({ op: 'status' })).digest
+  const table: Array<[string, string | undefined, string]> = [
+    ['{"op":"send","to":', undefined, 'BAD_JSON'],
+    ['{"op":"send","id":1,"to":"u","text":7}', '1', 'BAD_REQUEST'],
+    ['{"op":"send","id":2,"to":"no one","text":"x"}', '2', 'BAD_REQUEST'],
+    ['{"op":"send","id":3,"to":"ghost","text":"x"}', '3', 'NO_SUCH_USER'],
+    ['{"op":"read","id":4,"limit":"all"}', '4', 'BAD_REQUEST'],
+    ['{"op":"delete_messages","id":5,"ids":[{"a":1}]}', '5', 'BAD_REQUEST'],
+    ['{"op":"nope","id":6}', '6', 'UNKNOWN_OP'],
+    ['{"op":"constructor","id":7}', '7', 'UNKNOWN_OP'],
+    ['{"op":"__proto__","id":8}', '8', 'UNKNOWN_OP'],
+    ['{"id":9}', '9', 'BAD_REQUEST'],
+    ['["op","ping"]', undefined, 'BAD_REQUEST'],
+    ['42', undefined, 'BAD_REQUEST'],
+    ['\u0000\u0001\u0002', undefined, 'BAD_JSON'],
+    ['{"op":"register","id":10,"user":"evil","password":"p","__proto__":{"ok":true}}', '10', 'OK'],
+    ['{"op":"users","id":11,"pattern":"(a+)+$"}', '11', 'BAD_REQUEST'],
+    ['{"op":"ping","id":12,"deep":' + '['.repeat(5000) + ']'.repeat(5000) + '}', '12', 'OK']
+  ]
+  for (const [line, id, code] of table) {
+    const r = await c.send(line + '\n', id === undefined ? undefined : Number(id))
+    t.equal(r.ok ? 'OK' : (r.error as { code: string }).code, code, line.slice(0, 60))
+    if (code === 'BAD_REQUEST' && r.error) t.match((r.error as { message: string }).message, /^[a-z_]+: /, 'the message names the field')
+  }
+  t.equal((await c.req({ op: 'ping' })).ok, true, 'still usable')
+  await c.send('\n\r\n   \n', undefined, 0).catch(() => 'no reply to blank lines')
+  t.same(await c.req({ op: 'ping', id: 'after-blank' }), { ok: true, id: 'after-blank' }, 'blank lines are ignored')
+  // state changed only by the one valid register in the table
+  const after = await c.req({ op: 'users' })
+  t.same(after.users, ['evil', 'u'])
+  t.not((await c.req({ op: 'status' })).digest, before)
+})
+
+t.test('an over-long line: LINE_TOO_LONG after earlier replies, then close', async t => {
+  const s = await startServer(t, { data: tmpDir(t, 'long'), args: ['--line-bytes-max', '2048'] })
+  const c = await RawConn.open(s.port)
+  const longLine = JSON.stringify({ op: 'ping', id: 'big', pad: 'z'.repeat(3000) })
+  c.sock.write(JSON.stringify({ op: 'ping', id: 'first' }) + '\n' + longLine + '\n')
+  await c.waitClosed()
+  t.same(c.lines.map(l => (l as { id?: string }).id ?? (l as { error: { code: string } }).error.code), ['first', 'LINE_TOO_LONG'])
+  // multi-byte characters count as bytes, and a line split across many writes is still caught
+  const d = await RawConn.open(s.port)
+  const wide = JSON.stringify({ op: 'ping', pad: 'é'.repeat(1100) }) // under 2048 chars, over 2048 bytes
+  for (let k = 0; k < wide.length; k += 100) d.sock.write(wide.slice(k, k + 100))
+  d.sock.write('\n')
+  await d.waitClosed()
+  t.equal((d.lines[0] as { error: { code: string } }).error.code, 'LINE_TOO_LONG')
+  // an endless line without a newline is cut off too, without buffering it all
+  const e = await RawConn.open(s.port)
+  e.sock.write('x'.repeat(100_000))
+  await e.waitClosed()
+  t.equal((e.lines[0] as { error: { code: string } }).error.code, 'LINE_TOO_LONG')
+  const ok = await RawConn.open(s.port)
+  t.equal((await ok.req({ op: 'ping' })).ok, true, 'the server is fine')
+  ok.close()
+})
+
+t.test('pipelined requests on one connection are answered in order', async t => {
+  const s = await startServer(t, { data: tmpDir(t, 'pipeline') })
+  const c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  await c.req({ op: 'register', user: 'p', password: 'p' })
+  await c.req({ op: 'register', user: 'q', password: 'q' })
+  let batch = JSON.stringify({ op: 'login', id: 0, user: 'p', password: 'p' }) + '\n'
+  for (let k = 1; k <= 200; k++) batch += JSON.stringify(k % 50 === 0 ? { op: 'history', id: k, limit: 1 } : { op: 'send', id: k, to: 'p', text: `n${k}` }) + '\n'
+  const last = c.send(batch, 200)
+  await last
+  t.equal(c.events.length, 199 - 3, 'sending to oneself pushes to oneself')
+  const ids = c.lines.filter(l => l.ok !== undefined).slice(2).map(l => (l as { id: number }).id)
+  t.same(ids, Array.from({ length: 201 }, (_, k) => k), 'replies in request order')
+  const h = c.lines.find(l => (l as { id: number }).id === 50) as { messages: Array<{ text: string }> }
+  t.equal(h.messages[0].text, 'n49', 'a query sees the writes sent before it on its connection')
+})
+
+t.test('a client that never reads: bounded buffers, others still served', async t => {
+  const s = await startServer(t, { data: tmpDir(t, 'slow') })
+  const setup = await RawConn.open(s.port)
+  await setup.req({ op: 'register', user: 'slow', password: 'p' })
+  await setup.req({ op: 'register', user: 'fast', password: 'p' })
+  await setup.req({ op: 'login', user: 'fast', password: 'p' })
+
+  // 1: requests without reading the replies. The server stops reading this connection once its
+  // replies back up; it must not buffer the 40 MB of requests.
+  const sock = net.connect(s.port, '127.0.0.1')
+  await new Promise(resolve => sock.once('connect', resolve))
+  sock.pause()
+  const ping = Buffer.from(JSON.stringify({ op: 'ping', id: 'x'.repeat(100) }) + '\n')
+  const chunk = Buffer.concat(new Array(1000).fill(ping))
+  let written = 0
+  while (written < 40_000_000 && sock.write(chunk)) written += chunk.length
+  const started = Date.now()
+  t.same(await setup.req({ op: 'ping', id: 'meanwhile' }), { ok: true, id: 'meanwhile' })
+  t.ok(Date.now() - started < 1000, 'another client is served promptly')
+  const rssKb = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${s.pid}/status`, 'utf8'))![1])
+  t.ok(rssKb < 300_000, `server memory stays bounded (${rssKb} kB)`)
+  sock.destroy()
+
+  // 2: pushes to a logged-in client that never reads: past the outbound bound it is cut off,
+  // and the pushes it never took stay unread.
+  const slow = net.connect(s.port, '127.0.0.1')
+  await new Promise(resolve => slow.once('connect', resolve))
+  slow.write(JSON.stringify({ op: 'login', user: 'slow', password: 'p' }) + '\n')
+  slow.pause()
+  await waitFor(async () => (await setup.req({ op: 'status' })).sessions === 2, 5000, 'slow to log in')
+  const text = 'y'.repeat(4000)
+  let sent = 0
+  for (; sent < 4000; sent++) {
+    const r = await setup.req({ op: 'send', to: 'slow', text })
+    t.equal(r.ok, true)
+    if ((await setup.req({ op: 'status' })).sessions === 1) break
+  }
+  t.ok(sent < 4000, `the non-reading client was disconnected after ${sent} pushes`)
+  slow.destroy()
+  const again = await RawConn.open(s.port)
+  const login = await again.req({ op: 'login', user: 'slow', password: 'p' })
+  t.ok((login.unread as number) > 0, `pushes it never took stay unread (${login.unread as number})`)
+  again.close()
+  setup.close()
+})

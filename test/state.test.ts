@@ -1,0 +1,151 @@
+import t from 'tap'
+import { ChatState, Mailbox, lowerBound } from '../lib/state.ts'
+import type { LogRecord, RecordBody } from '../lib/records.ts'
+import { limits } from '../lib/limits.ts'
+
+// Feed records to a state the way the committer does: consecutive indexes, growing time.
+function feeder (st: ChatState) {
+  let ts = 1_000
+  return (body: RecordBody) => st.apply({ ...body, i: st.index + 1, e: 0, ts: ts += 10 } as LogRecord)
+}
+
+function withUsers (...names: string[]): { st: ChatState, apply: ReturnType<typeof feeder> } {
+  const st = new ChatState()
+  const apply = feeder(st)
+  for (const user of names) apply({ op: 'register', user, salt: 's', hash: 'h' })
+  return { st, apply }
+}
+
+t.test('register: names unique without regard to case, case kept', async t => {
+  const { st, apply } = withUsers('Alice')
+  const dup = apply({ op: 'register', user: 'alice', salt: 's', hash: 'h' })
+  t.same(dup.reply, { ok: false, error: { code: 'USER_EXISTS', message: 'the name alice is taken' } })
+  t.equal(st.account('ALICE')?.name, 'Alice')
+  t.equal(st.index, 2, 'a refused record still takes its index')
+})
+
+t.test('send: ids are record indexes, unread counted, pushes reported as effects', async t => {
+  const { st, apply } = withUsers('alice', 'bob')
+  const r = apply({ op: 'send', from: 'alice', to: 'BOB', text: 'hi' })
+  t.ok(r.reply.ok)
+  t.same((r.reply as { message: unknown }).message, { id: 3, from: 'alice', to: 'bob', text: 'hi', ts: 1030 })
+  t.equal(r.effects.push?.id, 3)
+  t.equal(st.account('bob')!.mailbox.unread.size, 1)
+  const missing = apply({ op: 'send', from: 'alice', to: 'carol', text: 'x' })
+  t.equal(missing.reply.ok ? '' : missing.reply.error.code, 'NO_SUCH_USER')
+  t.notOk(missing.effects.push)
+})
+
+t.test('read takes the oldest unread first and marks them read', async t => {
+  const { st, apply } = withUsers('a', 'b')
+  for (let k = 1; k <= 5; k++) apply({ op: 'send', from: 'a', to: 'b', text: `m${k}` })
+  const r = apply({ op: 'read', user: 'b', limit: 2 }).reply as unknown as { messages: Array<{ text: string }>, remaining: number }
+  t.same(r.messages.map(m => m.text), ['m1', 'm2'])
+  t.equal(r.remaining, 3)
+  apply({ op: 'mark_read', user: 'b', ids: [6] }) // m4 (index 6) taken by a push
+  const r2 = apply({ op: 'read', user: 'b', limit: 10 }).reply as unknown as { messages: Array<{ text: string }>, remaining: number }
+  t.same(r2.messages.map(m => m.text), ['m3', 'm5'])
+  t.equal(r2.remaining, 0)
+  t.same(st.account('b')!.mailbox.newest(10).map(m => m.text), ['m5', 'm4', 'm3', 'm2', 'm1'], 'history keeps read messages')
+  t.same(st.account('b')!.mailbox.newest(2, 6).map(m => m.text), ['m3', 'm2'], 'before pages backwards')
+})
+
+t.test('delete_messages only touches the caller\'s mailbox and reports missing ids', async t => {
+  const { st, apply } = withUsers('a', 'b')
+  apply({ op: 'send', from: 'a', to: 'b', text: 'x' }) // id 3
+  const before = st.digest()
+  const r = apply({ op: 'delete_messages', user: 'a', ids: [3] }).reply
+  t.same(r, { ok: true, deleted: 0, missing: [3] })
+  t.equal(st.digest(), before, 'nothing changed')
+  const r2 = apply({ op: 'delete_messages', user: 'b', ids: [3, 3, 99] }).reply
+  t.same(r2, { ok: true, deleted: 1, missing: [99] })
+  t.equal(st.account('b')!.mailbox.byId.size, 0)
+})
+
+t.test('delete_account removes the mailbox, keeps sent messages, frees the name', async t => {
+  const { st, apply } = withUsers('a', 'b')
+  apply({ op: 'send', from: 'a', to: 'b', text: 'to b' })
+  apply({ op: 'send', from: 'b', to: 'a', text: 'to a' })
+  const created = st.account('b')!.created
+  const stale = apply({ op: 'delete_account', user: 'b', created: created + 100 })
+  t.equal(stale.reply.ok ? '' : stale.reply.error.code, 'NO_SUCH_USER', 'only the incarnation that was checked is deleted')
+  const r = apply({ op: 'delete_account', user: 'b', created })
+  t.ok(r.reply.ok)
+  t.equal(r.effects.accountDeleted, 'b')
+  t.notOk(st.account('b'))
+  t.same(st.account('a')!.mailbox.newest(10).map(m => m.text), ['to a'])
+  apply({ op: 'register', user: 'B', salt: 's', hash: 'h' })
+  t.equal(st.account('b')!.mailbox.byId.size, 0, 'a new account starts empty')
+})
+
+t.test('rids: a repeated key returns the stored reply and changes nothing', async t => {
+  const { st, apply } = withUsers('a', 'b')
+  const first = apply({ op: 'send', from: 'a', to: 'b', text: 'once', rk: 'a\u0000r1' })
+  const digest = st.digest()
+  const again = apply({ op: 'send', from: 'a', to: 'b', text: 'once', rk: 'a\u0000r1' })
+  t.same(again.reply, first.reply)
+  t.same(again.effects, {}, 'no second push')
+  t.equal(st.account('b')!.mailbox.byId.size, 1)
+  t.equal(st.digest(), digest)
+  t.same(st.ridReply('a\u0000r1'), first.reply)
+})
+
+t.test('rids are evicted oldest first, by count', async t => {
+  const { st, apply } = withUsers('a')
+  for (let k = 0; k <= limits.ridsMax; k++) apply({ op: 'noop', rk: `k${k}` })
+  t.equal(st.rids.size, limits.ridsMax)
+  t.notOk(st.ridReply('k0'))
+  t.ok(st.ridReply('k1'))
+})
+
+t.test('users: wildcards, case-insensitive, sorted, paged', async t => {
+  const { st } = withUsers('zoe', 'Anna', 'andy', 'alice', 'bob', 'a.b-c_d')
+  t.same(st.listUsers('a*', 0, 100), { users: ['a.b-c_d', 'alice', 'andy', 'Anna'], total: 4 })
+  t.same(st.listUsers('AN?Y', 0, 100), { users: ['andy'], total: 1 })
+  t.same(st.listUsers('*o*', 0, 100), { users: ['bob', 'zoe'], total: 2 })
+  t.same(st.listUsers('a.b*', 0, 100), { users: ['a.b-c_d'], total: 1 }, 'a dot is literal')
+  t.same(st.listUsers('*', 2, 2), { users: ['andy', 'Anna'], total: 6 })
+  t.same(st.listUsers('nobody', 0, 10), { users: [], total: 0 })
+})
+
+t.test('digest: equal for equal state, whatever the history; changes with any change', async t => {
+  const one = withUsers('a', 'b')
+  const two = withUsers('a', 'b')
+  t.equal(one.st.digest(), two.st.digest())
+  one.apply({ op: 'send', from: 'a', to: 'b', text: 'x' })
+  t.not(one.st.digest(), two.st.digest())
+  two.apply({ op: 'send', from: 'a', to: 'b', text: 'x' })
+  t.equal(one.st.digest(), two.st.digest())
+  one.apply({ op: 'read', user: 'b', limit: 1 })
+  t.not(one.st.digest(), two.st.digest(), 'the read flag is part of the state')
+})
+
+t.test('snapshot chunks round-trip to the same state and digest', async t => {
+  const { st, apply } = withUsers('a', 'b', 'c')
+  for (let k = 0; k < 20; k++) apply({ op: 'send', from: 'a', to: k % 2 ? 'b' : 'c', text: `m${k} ünïcode`, rk: `a\u0000${k}` })
+  apply({ op: 'read', user: 'b', limit: 3 })
+  apply({ op: 'delete_messages', user: 'c', ids: [4] })
+  const copy = ChatState.fromSnapshotChunks(st.snapshotChunks() as Iterable<Record<string, unknown>>)
+  t.equal(copy.digest(), st.digest())
+  t.equal(copy.index, st.index)
+  t.equal(copy.lastTs, st.lastTs)
+  t.same(copy.account('b')!.mailbox.newest(100), st.account('b')!.mailbox.newest(100))
+  t.equal(copy.account('b')!.mailbox.unread.size, st.account('b')!.mailbox.unread.size)
+  t.same([...copy.rids.keys()], [...st.rids.keys()])
+  t.throws(() => ChatState.fromSnapshotChunks([{ kind: 'bogus' }]))
+})
+
+t.test('apply refuses records out of order', async t => {
+  const st = new ChatState()
+  t.throws(() => st.apply({ op: 'noop', i: 2, e: 0, ts: 1 }))
+})
+
+t.test('Mailbox and lowerBound', async t => {
+  t.equal(lowerBound([1, 3, 5], 4), 2)
+  t.equal(lowerBound([], 4), 0)
+  const mb = new Mailbox()
+  mb.add({ id: 1, from: 'a', to: 'b', text: 'x', ts: 1 }, false)
+  t.throws(() => mb.add({ id: 1, from: 'a', to: 'b', text: 'x', ts: 1 }, false), 'ids must grow')
+  t.notOk(mb.remove(7))
+  t.ok(mb.remove(1))
+})

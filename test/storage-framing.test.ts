@@ -1,0 +1,134 @@
+import t from 'tap'
+import zlib from 'node:zlib'
+import { encodeFrame, decodeFrame, validFrameAfter, frameHeaderBytes } from '../lib/storage/framing.ts'
+import { limits } from '../lib/limits.ts'
+import { record } from './helpers/storage.ts'
+
+// A frame with the given payload bytes and a correct checksum, built by hand.
+function rawFrame (payload: Buffer | string, len?: number): Buffer {
+  const p = typeof payload === 'string' ? Buffer.from(payload, 'utf8') : payload
+  const h = Buffer.alloc(frameHeaderBytes)
+  h.writeUInt32LE(len ?? p.length, 0)
+  h.writeUInt32LE(zlib.crc32(p), 4)
+  return Buffer.concat([h, p])
+}
+
+t.test('encode/decode round trip, at offset 0 and after other frames', async t => {
+  const values: object[] = [
+    record(1),
+    record(7),
+    {},
+    { nested: { a: [1, 2, { b: null }] }, s: 'caf\u00e9 \u{1f600} \u0000 "quoted"\n' }
+  ]
+  const frames = values.map(v => encodeFrame(v))
+  for (const [k, f] of frames.entries()) {
+    const payload = JSON.stringify(values[k])
+    t.equal(f.length, frameHeaderBytes + Buffer.byteLength(payload), 'header plus UTF-8 payload')
+    t.equal(f.readUInt32LE(0), Buffer.byteLength(payload), 'length field')
+    t.equal(f.readUInt32LE(4), zlib.crc32(Buffer.from(payload)), 'CRC-32 of the payload')
+    const d = decodeFrame(f, 0)
+    t.same(d, { kind: 'ok', value: values[k], next: f.length })
+  }
+  const all = Buffer.concat(frames)
+  let off = 0
+  for (const v of values) {
+    const d = decodeFrame(all, off)
+    if (d.kind !== 'ok') throw new Error(`expected ok at ${off}, got ${JSON.stringify(d)}`)
+    t.same(d.value, v)
+    off = d.next
+  }
+  t.equal(off, all.length, 'the last next is the end of the buffer')
+  t.same(decodeFrame(all, all.length), { kind: 'short' }, 'nothing at the end')
+})
+
+t.test('every truncation of a frame is short, never bad or ok', async t => {
+  const f = encodeFrame(record(5))
+  const prefix = encodeFrame(record(4))
+  for (let cut = 0; cut < f.length; cut++) {
+    t.same(decodeFrame(f.subarray(0, cut), 0), { kind: 'short' }, `cut at ${cut}`)
+    const withPrefix = Buffer.concat([prefix, f.subarray(0, cut)])
+    t.same(decodeFrame(withPrefix, prefix.length), { kind: 'short' }, `cut at ${cut} after another frame`)
+  }
+  t.equal(decodeFrame(f, 0).kind, 'ok', 'the whole frame decodes')
+})
+
+t.test('a flipped byte anywhere in a frame is detected', async t => {
+  // The damaged frame is followed by another one, so a length that grows a little still lies
+  // inside the buffer: then only the checksum can catch it.
+  const f = encodeFrame(record(8))
+  const after = encodeFrame(record(9))
+  for (let at = 0; at < f.length; at++) {
+    for (const mask of [0x01, 0x80, 0xff]) {
+      const buf = Buffer.concat([f, after])
+      buf[at] ^= mask
+      const d = decodeFrame(buf, 0)
+      if (at < 4) {
+        const len = buf.readUInt32LE(0)
+        if (len === 0 || len > limits.recordBytesMax) t.same(d, { kind: 'bad', why: `length ${len} out of range` }, `length byte ${at} ^ ${mask}`)
+        else if (frameHeaderBytes + len > buf.length) t.same(d, { kind: 'short' }, `length byte ${at} ^ ${mask}: runs past the end`)
+        else t.same(d, { kind: 'bad', why: 'checksum mismatch' }, `length byte ${at} ^ ${mask}`)
+      } else {
+        t.same(d, { kind: 'bad', why: 'checksum mismatch' }, `${at < frameHeaderBytes ? 'checksum' : 'payload'} byte ${at} ^ ${mask}`)
+      }
+    }
+  }
+})
+
+t.test('length zero and length beyond recordBytesMax are bad, even with a full buffer', async t => {
+  t.same(decodeFrame(rawFrame(''), 0), { kind: 'bad', why: 'length 0 out of range' })
+  t.same(decodeFrame(Buffer.alloc(64), 0), { kind: 'bad', why: 'length 0 out of range' }, 'zeros')
+  const tooLong = limits.recordBytesMax + 1
+  t.same(decodeFrame(rawFrame('{}', tooLong), 0), { kind: 'bad', why: `length ${tooLong} out of range` }, 'not short although the buffer is shorter')
+  const huge = Buffer.alloc(frameHeaderBytes + 16, 0xff)
+  t.same(decodeFrame(huge, 0), { kind: 'bad', why: `length ${0xffffffff} out of range` })
+  // At the limit the length itself is accepted.
+  const max = Buffer.alloc(limits.recordBytesMax, 0x20)
+  max[0] = 0x7b
+  max[max.length - 1] = 0x7d
+  t.same(decodeFrame(rawFrame(max), 0), { kind: 'ok', value: {}, next: frameHeaderBytes + limits.recordBytesMax }, 'exactly recordBytesMax')
+  t.same(decodeFrame(rawFrame(max).subarray(0, 100), 0), { kind: 'short' }, 'a maximal length cut short is short')
+})
+
+t.test('encodeFrame refuses a record beyond recordBytesMax', async t => {
+  const text = 'x'.repeat(limits.recordBytesMax)
+  t.throws(() => encodeFrame({ text }), RangeError)
+  const fits = { t: 'x'.repeat(limits.recordBytesMax - 8) } // {"t":"..."} is 8 bytes of syntax
+  t.equal(encodeFrame(fits).length, frameHeaderBytes + limits.recordBytesMax, 'exactly at the limit is fine')
+})
+
+t.test('a payload with a good checksum that is not a JSON object is bad', async t => {
+  for (const p of ['[1,2]', '42', '"s"', 'null', 'true', '[]']) {
+    t.same(decodeFrame(rawFrame(p), 0), { kind: 'bad', why: 'payload is not an object' }, p)
+  }
+  for (const p of ['{', 'not json', '{"a":1}x', '\u0000']) {
+    t.same(decodeFrame(rawFrame(p), 0), { kind: 'bad', why: 'payload is not JSON' }, JSON.stringify(p))
+  }
+})
+
+t.test('validFrameAfter', async t => {
+  const a = encodeFrame(record(1))
+  const b = encodeFrame(record(2))
+
+  t.equal(validFrameAfter(Buffer.concat([a, b]), 0), true, 'the next frame')
+  t.equal(validFrameAfter(Buffer.concat([a, b]), a.length), false, 'a frame at the offset itself does not count')
+  t.equal(validFrameAfter(a, 0), false, 'a single frame')
+
+  const damaged = Buffer.concat([a, Buffer.from('garbage'), b])
+  damaged[20] ^= 0xff
+  t.equal(decodeFrame(damaged, 0).kind, 'bad')
+  t.equal(validFrameAfter(damaged, 0), true, 'a good frame after damage and garbage, at an unaligned offset')
+  t.equal(validFrameAfter(damaged.subarray(0, damaged.length - 1), 0), false, 'the only later frame cut short')
+
+  t.equal(validFrameAfter(Buffer.concat([a, Buffer.alloc(4096)]), a.length), false, 'zeros')
+  const noise = Buffer.alloc(4096)
+  let x = 12345
+  for (let k = 0; k < noise.length; k++) { x = (Math.imul(x, 1103515245) + 12345) >>> 0; noise[k] = x >>> 24 }
+  t.equal(validFrameAfter(noise, 0), false, 'pseudo-random bytes')
+
+  const badCrc = Buffer.concat([Buffer.alloc(3), b])
+  badCrc[7] ^= 0x01 // in b's checksum
+  t.equal(validFrameAfter(badCrc, 0), false, 'a frame shaped like an object but with a bad checksum')
+
+  t.equal(validFrameAfter(Buffer.concat([Buffer.alloc(5), rawFrame('{}')]), 0), true, 'the smallest object, ending exactly at the end')
+  t.equal(validFrameAfter(Buffer.concat([Buffer.alloc(5), rawFrame('[1]')]), 0), false, 'a good frame that is not an object')
+})

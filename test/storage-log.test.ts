@@ -1,0 +1,410 @@
+import t, { type Test } from 'tap'
+import fs from 'node:fs'
+import path from 'node:path'
+import { SegmentLog, CorruptLogError, segmentName, type Warn } from '../lib/storage/log.ts'
+import { realFiles, type FileOps } from '../lib/storage/files.ts'
+import { encodeFrame } from '../lib/storage/framing.ts'
+import { Store } from '../lib/storage/store.ts'
+import { ChatError } from '../lib/errors.ts'
+import type { LogRecord } from '../lib/records.ts'
+import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles } from './helpers/storage.ts'
+
+interface Warning { msg: string, fields?: Record<string, unknown> }
+
+function openLog (dir: string, files: FileOps = realFiles): { log: SegmentLog, warnings: Warning[] } {
+  const warnings: Warning[] = []
+  const warn: Warn = (msg, fields) => { warnings.push({ msg, fields }) }
+  return { log: new SegmentLog(dir, files, warn), warnings }
+}
+
+// Recover the log in dir from scratch and close it again: the records it holds, and the result.
+function readLog (dir: string, afterIndex = 0): { recs: LogRecord[], truncatedBytes: number, lastIndex: number, warnings: Warning[] } {
+  const { log, warnings } = openLog(dir)
+  const recs: LogRecord[] = []
+  try {
+    const r = log.recover(afterIndex, x => { recs.push(x) })
+    return { recs, ...r, warnings }
+  } finally {
+    log.close()
+  }
+}
+
+// A log in a fresh directory holding records 1..n, written in batches of up to three frames
+// (group commit) through SegmentLog.append. Returns the path of its only segment.
+function writeLog (t: Test, n: number): { dir: string, file: string, bytes: Buffer, spans: Array<{ start: number, end: number }> } {
+  const dir = tempDir(t, 'log')
+  const { log } = openLog(dir)
+  t.same(log.recover(0, () => { throw new Error('an empty log has no records') }), { lastIndex: 0, truncatedBytes: 0 })
+  for (let i = 1; i <= n; i += 3) {
+    const b = batch(records(i, Math.min(n, i + 2)))
+    log.append(b.frames, b.lastIndex)
+    t.equal(log.lastIndex, b.lastIndex)
+  }
+  log.close()
+  t.same(fs.readdirSync(dir), [segmentName(1)])
+  const file = path.join(dir, segmentName(1))
+  const bytes = fs.readFileSync(file)
+  const spans = frameSpans(bytes)
+  t.equal(spans.length, n, 'one frame per record')
+  t.equal(spans[n - 1].end, bytes.length, 'nothing but frames')
+  return { dir, file, bytes, spans }
+}
+
+function expectCorrupt (t: Test, e: unknown, file: string, offset: number, why: RegExp): void {
+  t.type(e, CorruptLogError, 'CorruptLogError')
+  if (!(e instanceof CorruptLogError)) return
+  t.equal(e.file, file, 'names the file')
+  t.equal(e.offset, offset, 'names the offset')
+  t.ok(e.message.includes(`${file} at offset ${offset}`), `message names file and offset: ${e.message}`)
+  t.match(e.message, why)
+}
+
+t.test('an empty directory starts an empty log after the snapshot index', async t => {
+  const dir = tempDir(t)
+  fs.writeFileSync(path.join(dir, 'notes.txt'), 'not a segment')
+  fs.writeFileSync(path.join(dir, 'log-1.wal'), 'not a segment name either')
+  const { log } = openLog(dir)
+  t.same(log.recover(41, () => t.fail('no records')), { lastIndex: 41, truncatedBytes: 0 })
+  t.equal(log.lastIndex, 41)
+  t.ok(fs.existsSync(path.join(dir, segmentName(42))), 'first segment named after the next index')
+  log.append(encodeFrame(record(42)), 42)
+  log.close()
+  const back = readLog(dir, 41)
+  t.same(back.recs, [record(42)])
+  t.equal(back.lastIndex, 42)
+  t.equal(fs.readFileSync(path.join(dir, 'log-1.wal'), 'utf8'), 'not a segment name either', 'foreign files are left alone')
+})
+
+t.test('records written in batches come back in order; afterIndex skips the ones a snapshot covers', async t => {
+  const { dir, bytes } = writeLog(t, 10)
+  const all = readLog(dir)
+  t.same(all.recs, records(1, 10))
+  t.same({ lastIndex: all.lastIndex, truncatedBytes: all.truncatedBytes, warnings: all.warnings }, { lastIndex: 10, truncatedBytes: 0, warnings: [] })
+  const tail = readLog(dir, 6)
+  t.same(tail.recs, records(7, 10))
+  t.equal(tail.lastIndex, 10)
+  const none = readLog(dir, 10)
+  t.same(none.recs, [])
+  t.equal(none.lastIndex, 10)
+  t.same(fs.readFileSync(path.join(dir, segmentName(1))), bytes, 'recovery of a clean log changes nothing')
+})
+
+t.test('torn tail: the last record cut at every byte offset', async t => {
+  const n = 6
+  const { dir, file, bytes, spans } = writeLog(t, n)
+  const last = spans[n - 1]
+  t.ok(last.end - last.start > 40, 'a record of some size')
+  for (let cut = last.start; cut < last.end; cut++) {
+    fs.writeFileSync(file, bytes.subarray(0, cut))
+    const { log, warnings } = openLog(dir)
+    const recs: LogRecord[] = []
+    const res = log.recover(0, r => { recs.push(r) })
+    const ok = t.same(recs, records(1, n - 1), `cut at ${cut}: the earlier records`) &&
+      t.same(res, { lastIndex: n - 1, truncatedBytes: cut - last.start }, `cut at ${cut}: truncatedBytes`) &&
+      t.equal(fs.statSync(file).size, last.start, `cut at ${cut}: file truncated to the last good record`) &&
+      t.equal(warnings.length, cut > last.start ? 1 : 0, `cut at ${cut}: one warning for a torn write`)
+    if (cut > last.start) t.match(warnings[0], { msg: /torn write/, fields: { file, offset: last.start, bytes: cut - last.start } })
+    // The log takes appends at the cut, and they are recovered next time.
+    const replacement = record(n, 3)
+    log.append(encodeFrame(replacement), n)
+    log.close()
+    const back = readLog(dir)
+    const ok2 = t.same(back.recs, [...records(1, n - 1), replacement], `cut at ${cut}: the new append is recovered`) &&
+      t.equal(back.truncatedBytes, 0)
+    if (!ok || !ok2) break
+  }
+})
+
+t.test('a damaged record followed by good records is corruption: refuse, name file and offset, touch nothing', async t => {
+  const n = 8
+  const { dir, file, bytes, spans } = writeLog(t, n)
+  for (const k of [0, 3, n - 2]) {
+    const { start, end } = spans[k]
+    for (const at of [start + 4, Math.floor((start + 8 + end) / 2), end - 1]) { // checksum, middle of payload, last byte
+      fs.writeFileSync(file, bytes)
+      flipByte(file, at, 0x10)
+      const damaged = fs.readFileSync(file)
+      const e = thrown(() => openLog(dir).log.recover(0, () => {}))
+      expectCorrupt(t, e, file, start, /checksum mismatch/)
+      t.same(fs.readFileSync(file), damaged, `record ${k + 1}, byte ${at}: file left untouched`)
+    }
+  }
+  // Through the Store as well.
+  fs.writeFileSync(file, bytes)
+  flipByte(file, Math.floor((spans[2].start + spans[2].end) / 2))
+  const damaged = fs.readFileSync(file)
+  const store = new Store({ dir })
+  expectCorrupt(t, thrown(() => store.recover()), file, spans[2].start, /checksum mismatch/)
+  t.same(fs.readFileSync(file), damaged, 'Store.recover leaves it untouched too')
+})
+
+t.test('a damaged length field in an earlier record is corruption, not a torn tail', async t => {
+  // The length now claims the frame runs past the end of the file, so it decodes as "short";
+  // but three good records follow it, so this cannot be a torn write at the end.
+  const n = 6
+  const { dir, file, bytes, spans } = writeLog(t, n)
+  const { start } = spans[2]
+  flipByte(file, start + 2, 0x01) // length += 65536, still within recordBytesMax
+  const damaged = fs.readFileSync(file)
+  const recs: LogRecord[] = []
+  const e = thrown(() => openLog(dir).log.recover(0, r => { recs.push(r) }))
+  expectCorrupt(t, e, file, start, /./)
+  t.equal(fs.statSync(file).size, bytes.length, 'records 4..6 are not cut off')
+  t.same(fs.readFileSync(file), damaged, 'file left untouched')
+})
+
+t.test('a damaged last record is a torn tail', async t => {
+  const n = 5
+  const { dir, file, bytes, spans } = writeLog(t, n)
+  const { start, end } = spans[n - 1]
+  const positions = [start, start + 1, start + 3, start + 4, start + 7, start + 8, Math.floor((start + end) / 2), end - 1]
+  for (const at of positions) {
+    for (const mask of [0x01, 0xff]) {
+      fs.writeFileSync(file, bytes)
+      flipByte(file, at, mask)
+      const r = readLog(dir)
+      t.same(r.recs, records(1, n - 1), `byte ${at} ^ ${mask}: earlier records kept`)
+      t.equal(r.truncatedBytes, end - start, `byte ${at} ^ ${mask}: the whole last record truncated`)
+      t.equal(fs.statSync(file).size, start)
+      t.equal(r.warnings.length, 1)
+    }
+  }
+})
+
+t.test('a run of zeros after the last record is a torn tail', async t => {
+  const n = 5
+  const { dir, file, bytes } = writeLog(t, n)
+  fs.appendFileSync(file, Buffer.alloc(4096))
+  const r = readLog(dir)
+  t.same(r.recs, records(1, n))
+  t.same({ lastIndex: r.lastIndex, truncatedBytes: r.truncatedBytes }, { lastIndex: n, truncatedBytes: 4096 })
+  t.match(r.warnings, [{ msg: /torn write/, fields: { offset: bytes.length, bytes: 4096, why: 'length 0 out of range' } }])
+  t.same(fs.readFileSync(file), bytes, 'back to exactly the good records')
+  // A zeroed header of fewer than eight bytes too.
+  fs.appendFileSync(file, Buffer.alloc(5))
+  t.equal(readLog(dir).truncatedBytes, 5)
+  t.equal(fs.statSync(file).size, bytes.length)
+})
+
+t.test('garbage without any valid frame after the last record is a torn tail', async t => {
+  const n = 4
+  const { dir, file, bytes } = writeLog(t, n)
+  const half = encodeFrame(record(n + 1)).subarray(0, 30)
+  const bad = encodeFrame(record(n + 1))
+  bad[bad.length - 5] ^= 0x01 // object-shaped frame with a bad checksum
+  const noise = Buffer.alloc(700)
+  let x = 99
+  for (let k = 0; k < noise.length; k++) { x = (Math.imul(x, 1103515245) + 12345) >>> 0; noise[k] = x >>> 24 }
+  for (const [name, tail] of [['text', Buffer.from('{"this is": "not a frame"}\n')], ['noise', noise], ['frame with bad crc then noise', Buffer.concat([bad, noise])], ['noise then half a frame', Buffer.concat([noise, half])]] as const) {
+    fs.writeFileSync(file, Buffer.concat([bytes, tail]))
+    const r = readLog(dir)
+    t.same(r.recs, records(1, n), `${name}: all records`)
+    t.equal(r.truncatedBytes, tail.length, `${name}: truncated`)
+    t.same(fs.readFileSync(file), bytes, `${name}: file back to the good records`)
+  }
+})
+
+t.test('garbage followed by a valid frame at the end is corruption', async t => {
+  const n = 4
+  const { dir, file, bytes } = writeLog(t, n)
+  const tail = Buffer.concat([Buffer.from('junk junk junk'), encodeFrame(record(n + 1))])
+  fs.writeFileSync(file, Buffer.concat([bytes, tail]))
+  expectCorrupt(t, thrown(() => readLog(dir)), file, bytes.length, /length \d+ out of range|checksum/)
+  t.equal(fs.statSync(file).size, bytes.length + tail.length, 'not truncated')
+})
+
+t.test('record indexes must increase by exactly one', async t => {
+  const cases: Array<[string, LogRecord[], number, string]> = [
+    ['a skipped index', [record(1), record(2), record(3), record(5), record(6)], 3, 'record index 5 where 4 was expected'],
+    ['a repeated index', [record(1), record(2), record(2), record(3)], 2, 'record index 2 where 3 was expected'],
+    ['a skip in the very last record', [record(1), record(2), record(4)], 2, 'record index 4 where 3 was expected'],
+    ['a segment whose first record does not match its name', [record(2), record(3)], 0, 'record index 2 where 1 was expected']
+  ]
+  for (const [name, rs, bad, why] of cases) {
+    const dir = tempDir(t)
+    const file = path.join(dir, segmentName(1))
+    const frames = rs.map(r => encodeFrame(r))
+    fs.writeFileSync(file, Buffer.concat(frames))
+    const offset = frames.slice(0, bad).reduce((s, f) => s + f.length, 0)
+    t.test(name, async t => {
+      expectCorrupt(t, thrown(() => readLog(dir)), file, offset, new RegExp(why))
+      t.equal(fs.statSync(file).size, frames.reduce((s, f) => s + f.length, 0), 'nothing truncated')
+    })
+  }
+})
+
+t.test('a checksummed frame that is not a log record, followed by records, is corruption', async t => {
+  const dir = tempDir(t)
+  const file = path.join(dir, segmentName(1))
+  const a = encodeFrame(record(1))
+  for (const [name, value] of [['no index', { op: 'noop', e: 0, ts: 1 }], ['index 0', { ...record(2), i: 0 }], ['string index', { ...record(2), i: '2' }], ['no op', { i: 2, e: 0, ts: 1 }], ['no ts', { i: 2, e: 0, op: 'noop' }]] as const) {
+    t.test(name, async t => {
+      fs.writeFileSync(file, Buffer.concat([a, encodeFrame(value), encodeFrame(record(2))]))
+      expectCorrupt(t, thrown(() => readLog(dir)), file, a.length, /not a log record/)
+    })
+  }
+})
+
+t.test('segments: roll, recovery across segments, compaction', async t => {
+  const dir = tempDir(t)
+  const { log } = openLog(dir)
+  log.recover(0, () => {})
+  log.roll()
+  t.same(fs.readdirSync(dir), [segmentName(1)], 'rolling an empty segment is a no-op')
+  log.append(batch(records(1, 4)).frames, 4)
+  log.roll()
+  t.equal(log.currentSegmentBytes, 0, 'appends go to the new segment')
+  log.append(batch(records(5, 7)).frames, 7)
+  log.roll()
+  log.append(batch(records(8, 9)).frames, 9)
+  log.close()
+  t.same(fs.readdirSync(dir).sort(), [segmentName(1), segmentName(5), segmentName(8)])
+  t.same(readLog(dir).recs, records(1, 9), 'one log across three segments')
+  t.same(readLog(dir, 5).recs, records(6, 9))
+
+  const { log: log2 } = openLog(dir)
+  log2.recover(0, () => {})
+  t.equal(log2.compact(3), 0, 'segment 1..4 still holds record 4')
+  t.equal(log2.compact(4), 1, 'segment 1..4 is covered by a snapshot at 4')
+  t.same(fs.readdirSync(dir).sort(), [segmentName(5), segmentName(8)])
+  t.equal(log2.compact(100), 1, 'the last segment is never removed')
+  t.same(fs.readdirSync(dir), [segmentName(8)])
+  log2.close()
+  t.same(readLog(dir, 7).recs, records(8, 9), 'what is left recovers after a snapshot at 7')
+  expectCorrupt(t, thrown(() => readLog(dir, 5)), path.join(dir, segmentName(8)), 0, /log resumes at 8 but the snapshot ends at 5/)
+  expectCorrupt(t, thrown(() => readLog(dir, 0)), path.join(dir, segmentName(8)), 0, /log resumes at 8 but the snapshot ends at 0/)
+})
+
+t.test('a missing middle segment or a torn tail in a segment that is not the last is corruption', async t => {
+  const dir = tempDir(t)
+  const { log } = openLog(dir)
+  log.recover(0, () => {})
+  for (const [a, b] of [[1, 3], [4, 6], [7, 8]]) {
+    log.append(batch(records(a, b)).frames, b)
+    log.roll()
+  }
+  log.close()
+  t.same(fs.readdirSync(dir).sort(), [segmentName(1), segmentName(4), segmentName(7), segmentName(9)], 'the last one empty')
+  t.same(readLog(dir).recs, records(1, 8), 'an empty last segment is fine')
+
+  const middle = path.join(dir, segmentName(4))
+  const mid = fs.readFileSync(middle)
+  fs.appendFileSync(middle, Buffer.alloc(100))
+  expectCorrupt(t, thrown(() => readLog(dir)), middle, mid.length, /length 0 out of range/)
+  t.equal(fs.statSync(middle).size, mid.length + 100, 'not truncated')
+  fs.writeFileSync(middle, mid.subarray(0, mid.length - 3))
+  expectCorrupt(t, thrown(() => readLog(dir)), middle, frameSpans(mid)[2].start, /cut short/)
+
+  fs.unlinkSync(middle)
+  expectCorrupt(t, thrown(() => readLog(dir)), path.join(dir, segmentName(7)), 0, /segment starts at 7 but the previous one ends at 3/)
+})
+
+t.test('a log that ends before the snapshot index can be recovered, appended to, and recovered again', async t => {
+  // A snapshot at 10 with a log that only reaches 5 (say, restored from a peer's snapshot):
+  // the first recovery starts a fresh segment at 11; the restart after it must work as well.
+  const { dir } = writeLog(t, 5)
+  const { log } = openLog(dir)
+  t.same(log.recover(10, () => t.fail('records 1..5 are covered')), { lastIndex: 10, truncatedBytes: 0 })
+  log.append(encodeFrame(record(11)), 11)
+  log.close()
+  const again = thrown(() => readLog(dir, 10))
+  t.equal(again, undefined, `the second recovery succeeds (got ${String(again)})`)
+  if (again === undefined) t.same(readLog(dir, 10).recs, [record(11)])
+})
+
+t.test('ENOSPC partway through a batch: cut back, still usable, nothing of it recovered', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const store = new Store({ dir, files: ff.files })
+  store.recover()
+  store.append(batch(records(1, 5)))
+  const file = path.join(dir, segmentName(1))
+  const before = fs.statSync(file).size
+  t.equal(store.log.currentSegmentBytes, before)
+
+  const failing = [record(6), record(7)]
+  const firstLen = encodeFrame(failing[0]).length
+  let writes = 0
+  const enospc = errnoError('ENOSPC', 'no space left on device')
+  ff.hooks.writeSync = (fd, buf, offset, length, position) => {
+    if (writes++ === 0) return ff.real.writeSync(fd, buf, offset, Math.min(length, firstLen + 5), position) // record 6 whole, a bit of 7
+    throw enospc
+  }
+  const e = thrown(() => store.append(batch(failing)))
+  t.type(e, ChatError)
+  t.match(e, { code: 'STORAGE_ERROR', message: /ENOSPC/, cause: enospc })
+  t.equal(writes, 2, 'a short write, then the failure')
+  t.equal(ff.calls.ftruncateSync, 1)
+  t.equal(fs.statSync(file).size, before, 'file cut back to its size before the append')
+  t.equal(store.log.failed, null, 'the log stays usable')
+  t.equal(store.log.lastIndex, 5)
+  t.equal(store.log.currentSegmentBytes, before)
+  const syncs = ff.calls.fdatasyncSync
+
+  delete ff.hooks.writeSync
+  const healed = [record(6, 1), record(7, 1)] // different bytes from the failed ones
+  store.append(batch(healed))
+  t.equal(ff.calls.fdatasyncSync, syncs + 1, 'the healed append is synced')
+  t.equal(store.log.lastIndex, 7)
+  store.append(batch([record(8)]))
+  store.close()
+  const back = readLog(dir)
+  t.same(back.recs, [...records(1, 5), ...healed, record(8)], 'the healed append and the one after it, none of the failed one')
+  t.equal(back.truncatedBytes, 0)
+})
+
+t.test('a failure to cut back a failed write fails the log', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const store = new Store({ dir, files: ff.files })
+  store.recover()
+  store.append(batch(records(1, 2)))
+  const file = path.join(dir, segmentName(1))
+  const before = fs.statSync(file).size
+  let writes = 0
+  ff.hooks.writeSync = (fd, buf, offset, length, position) => {
+    if (writes++ === 0) return ff.real.writeSync(fd, buf, offset, 3, position)
+    throw errnoError('EIO')
+  }
+  ff.hooks.ftruncateSync = () => { throw errnoError('EROFS') }
+  const e = thrown(() => store.append(batch([record(3)])))
+  t.match(e, { code: 'STORAGE_ERROR', message: /EIO/ }, 'the write error is reported')
+  t.match(store.log.failed, { code: 'STORAGE_ERROR', message: /EROFS/ }, 'the log is failed: 3 stray bytes remain')
+  delete ff.hooks.writeSync
+  delete ff.hooks.ftruncateSync
+  const writesBefore = ff.calls.writeSync
+  t.equal(thrown(() => store.append(batch([record(3)]))), store.log.failed, 'later appends are refused')
+  t.equal(ff.calls.writeSync, writesBefore, 'without writing')
+  t.equal(fs.statSync(file).size, before + 3)
+  store.close()
+  const back = readLog(dir)
+  t.same(back.recs, records(1, 2), 'the stray bytes are a torn tail at the next start')
+  t.equal(back.truncatedBytes, 3)
+})
+
+t.test('fdatasync EIO fails the log: every later append throws without writing', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const store = new Store({ dir, files: ff.files })
+  store.recover()
+  store.append(batch(records(1, 3)))
+  const file = path.join(dir, segmentName(1))
+  const eio = errnoError('EIO', 'i/o error')
+  ff.hooks.fdatasyncSync = () => { throw eio }
+  const e = thrown(() => store.append(batch([record(4)])))
+  t.type(e, ChatError)
+  t.match(e, { code: 'STORAGE_ERROR', message: /EIO/, cause: eio })
+  t.equal(store.log.failed, e, 'log.failed is the error')
+  t.equal(store.log.lastIndex, 3, 'the failed batch is not counted')
+  const size = fs.statSync(file).size
+  delete ff.hooks.fdatasyncSync // a healthy disk again does not help: the page cache cannot be trusted
+  const counts = { ...ff.calls }
+  for (const b of [[record(4)], [record(4, 1), record(5, 1)], [record(6)]]) {
+    t.equal(thrown(() => store.append(batch(b))), e, `append of ${b.length} refused with the same error`)
+  }
+  t.equal(ff.calls.writeSync, counts.writeSync, 'nothing written')
+  t.equal(ff.calls.fdatasyncSync, counts.fdatasyncSync, 'nothing synced')
+  t.equal(fs.statSync(file).size, size, 'file size unchanged')
+  t.equal(store.log.lastIndex, 3)
+  store.close()
+})
