@@ -1,14 +1,13 @@
-// The write path of a server that leads (a single server, or the primary of a chain): it stamps
-// each mutation with its index, epoch and time, makes it durable, applies it to the state and
-// only then settles the caller's promise. Concurrent submissions share one write and one
-// fdatasync (group commit): everything submitted during one turn of the event loop is flushed
-// together on the next.
+// The write path of the server that leads (a single server, or the primary of a chain). It
+// stamps each mutation with its index, epoch and time, hands it to the replicator, and once the
+// replicator reports it persisted downstream, makes it durable locally, applies it and settles
+// the caller's promise (protocol.md, "Durability").
 //
-// Before the local write, `replicate` is awaited for the batch: for a single server it returns
-// at once; for a chain primary it resolves once every live successor has persisted the batch
-// (protocol.md, "Durability and replication").
+// Group commit and pipelining: everything submitted during one turn of the event loop is
+// forwarded as one batch on the next; batches are forwarded without waiting for earlier ones to
+// be acknowledged; and when acknowledgements arrive, every record they cover is written with one
+// write and one fdatasync.
 
-import assert from 'node:assert/strict'
 import { encodeFrame } from './storage/framing.ts'
 import type { Store } from './storage/store.ts'
 import type { ChatState, Applied } from './state.ts'
@@ -17,45 +16,69 @@ import { errors, ChatError } from './errors.ts'
 
 export interface Batch {
   records: LogRecord[]
-  frames: Buffer // the records' frames, concatenated, exactly as written to disk
   lastIndex: number
 }
 
-export type Replicate = (batch: Batch) => Promise<void>
+// Sends batches down the chain and calls committer.acked(index) once every live successor has
+// persisted the records up to index. A single server acknowledges at once.
+export interface Replicator {
+  forward: (batch: Batch) => void
+}
+
 export type AppliedHook = (record: LogRecord, applied: Applied) => void
 
 interface Entry {
   record: LogRecord
-  frame: Buffer
+  frame: Buffer | null // null: already durable here (a new primary's inherited records)
   resolve: (a: Applied) => void
   reject: (e: Error) => void
 }
 
+const noop = (): void => {}
+
 export class Committer {
-  private queue: Entry[] = []
+  private queue: Entry[] = [] // stamped, not yet forwarded
+  private awaiting: Entry[] = [] // forwarded, waiting for the chain's acknowledgement
   private flushScheduled = false
   private assigned: number // highest index stamped so far
   private lastTs: number
   private readonly inflightRids = new Map<string, Promise<Applied>>()
-  private flushing: Promise<void> = Promise.resolve()
-  private inflight = 0
   private idleWaiters: Array<() => void> = []
-  epoch = 0
+  private failure: ChatError | null = null
+  replicator: Replicator = { forward: (b) => this.acked(b.lastIndex) }
 
+  // inherited: records this server holds durably beyond its applied state (a new primary's
+  // uncommitted tail). They are committed down the chain before anything new.
   constructor (
     private readonly store: Store,
     private readonly state: ChatState,
+    private readonly epoch: number,
     private readonly onApplied: AppliedHook,
-    private readonly replicate: Replicate = async () => {}
+    private readonly onStorageFailure: (e: ChatError) => void = noop,
+    inherited: LogRecord[] = []
   ) {
-    assert.equal(store.log.lastIndex, state.index, 'a leader starts with everything it logged applied')
-    this.assigned = state.index
+    this.assigned = state.index + inherited.length
     this.lastTs = state.lastTs
+    for (const r of inherited) if (r.ts > this.lastTs) this.lastTs = r.ts
+    for (const record of inherited) this.awaiting.push({ record, frame: null, resolve: noop, reject: noop })
   }
 
-  // Submit a mutation. Resolves once it is durable (here and, in a chain, downstream) and applied;
-  // rejects with STORAGE_ERROR (or UNAVAILABLE from replication) when nothing was applied.
-  // A body with an exactly-once key that was already applied resolves with the stored reply.
+  // Index of the last record handed out; the chain's source of truth for resends.
+  get lastAssigned (): number { return this.assigned }
+
+  // True once the inherited records are committed and applied.
+  get caughtUp (): boolean { return this.awaiting.length === 0 || this.awaiting[0].frame !== null }
+
+  // Records not yet durable here, from index `from` on (forwarded or inherited), for resending
+  // to a new successor.
+  pendingFrom (from: number): LogRecord[] {
+    return this.awaiting.filter(e => e.record.i >= from).map(e => e.record)
+  }
+
+  // Submit a mutation. Resolves once it is durable here and on every live successor, and
+  // applied. Rejects with STORAGE_ERROR or UNAVAILABLE when it was not applied (or, after a
+  // step-down, when the outcome is unknown: the client retries with the same rid).
+  // A body whose exactly-once key was already applied resolves with the stored reply.
   submit (body: RecordBody): Promise<Applied> {
     if (body.rk !== undefined) {
       const stored = this.state.ridReply(body.rk)
@@ -63,19 +86,16 @@ export class Committer {
       const running = this.inflightRids.get(body.rk)
       if (running) return running
     }
-    const failed = this.store.log.failed
-    if (failed) return Promise.reject(failed)
-    const now = Date.now()
-    this.lastTs = Math.max(this.lastTs, now)
-    const record = { ...body, i: ++this.assigned, e: this.epoch, ts: this.lastTs } as LogRecord
+    if (this.failure) return Promise.reject(this.failure)
+    this.lastTs = Math.max(this.lastTs, Date.now())
+    const record = { ...body, i: this.assigned + 1, e: this.epoch, ts: this.lastTs } as LogRecord
     let frame: Buffer
     try {
       frame = encodeFrame(record)
     } catch (e) {
-      this.assigned--
       return Promise.reject(errors.internal(e))
     }
-    this.inflight++
+    this.assigned++
     const p = new Promise<Applied>((resolve, reject) => {
       this.queue.push({ record, frame, resolve, reject })
     })
@@ -87,56 +107,73 @@ export class Committer {
     }
     if (!this.flushScheduled) {
       this.flushScheduled = true
-      setImmediate(() => { this.flushing = this.flushing.then(() => this.flush()) })
+      setImmediate(() => this.forwardQueued())
     }
     return p
   }
 
-  // Resolves when nothing is queued or being written.
+  // Resolves when nothing is queued or awaiting acknowledgement.
   idle (): Promise<void> {
-    if (this.inflight === 0) return Promise.resolve()
+    if (this.queue.length === 0 && this.awaiting.length === 0) return Promise.resolve()
     return new Promise(resolve => this.idleWaiters.push(resolve))
   }
 
-  private async flush (): Promise<void> {
+  private forwardQueued (): void {
     this.flushScheduled = false
+    if (this.queue.length === 0) return
     const entries = this.queue
     this.queue = []
-    if (entries.length === 0) return
-    const batch: Batch = {
-      records: entries.map(e => e.record),
-      frames: entries.length === 1 ? entries[0].frame : Buffer.concat(entries.map(e => e.frame)),
-      lastIndex: entries[entries.length - 1].record.i
-    }
-    try {
-      await this.replicate(batch)
-      this.store.append(batch)
-    } catch (e) {
-      // Nothing in this batch was applied, and nothing after it has been written: every record
-      // stamped after it is in this.queue and fails too, so the index can be handed out again.
-      const err = e instanceof ChatError ? e : errors.storage(e)
-      const later = this.queue
-      this.queue = []
-      this.assigned = this.store.log.lastIndex
-      for (const x of [...entries, ...later]) x.reject(err)
-      this.settled(entries.length + later.length)
-      return
+    this.awaiting.push(...entries)
+    this.replicator.forward({ records: entries.map(e => e.record), lastIndex: entries[entries.length - 1].record.i })
+  }
+
+  // The chain has persisted every record up to `index`: write them here, apply, answer.
+  acked (index: number): void {
+    let n = 0
+    while (n < this.awaiting.length && this.awaiting[n].record.i <= index) n++
+    if (n === 0 || this.failure) return
+    const entries = this.awaiting.splice(0, n)
+    const frames = entries.filter(e => e.frame !== null).map(e => e.frame!)
+    if (frames.length > 0) {
+      try {
+        this.store.append({ frames: frames.length === 1 ? frames[0] : Buffer.concat(frames), lastIndex: entries[entries.length - 1].record.i })
+      } catch (e) {
+        const err = e instanceof ChatError ? e : errors.storage(e)
+        if (this.store.log.failed === null) {
+          // A failed write (a full disk) that the log cut back off: nothing from here on was
+          // applied, so the indexes can be handed out again and later writes may succeed.
+          const later = [...entries, ...this.awaiting.splice(0), ...this.queue.splice(0)]
+          this.assigned = this.store.log.lastIndex
+          for (const x of later) x.reject(err)
+          this.checkIdle()
+        } else this.abandon(err, entries)
+        this.onStorageFailure(err)
+        return
+      }
     }
     for (const x of entries) {
       const applied = this.state.apply(x.record)
       this.onApplied(x.record, applied)
       x.resolve(applied)
     }
-    this.settled(entries.length)
     this.store.maybeSnapshot(this.state)
+    this.checkIdle()
   }
 
-  private settled (n: number): void {
-    this.inflight -= n
-    if (this.inflight === 0) {
-      const waiters = this.idleWaiters
-      this.idleWaiters = []
-      for (const w of waiters) w()
-    }
+  // Fail everything not yet applied: after a storage failure, or when this server stops leading.
+  abandon (err: ChatError, alsoThese: Entry[] = []): void {
+    this.failure = err
+    const all = [...alsoThese, ...this.awaiting, ...this.queue]
+    this.awaiting = []
+    this.queue = []
+    for (const x of all) x.reject(err)
+    this.checkIdle()
+  }
+
+  private checkIdle (): void {
+    if (this.queue.length > 0 || this.awaiting.length > 0) return
+    const waiters = this.idleWaiters
+    this.idleWaiters = []
+    for (const w of waiters) w()
   }
 }

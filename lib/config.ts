@@ -3,6 +3,7 @@
 
 import { parseArgs } from 'node:util'
 import path from 'node:path'
+import fs from 'node:fs'
 import { limits } from './limits.ts'
 
 export interface Config {
@@ -12,6 +13,15 @@ export interface Config {
   readonly snapshotEveryRecords: number
   readonly snapshotEveryBytes: number
   readonly lineBytesMax: number
+  // replication (protocol.md, "Replication")
+  readonly peers: string[] | null // every member of the initial chain, this one included
+  readonly me: string // this server as named in --peers (host:port)
+  readonly join: string | null
+  readonly secret: string | null
+  readonly heartbeatMs: number
+  readonly failureTimeoutMs: number
+  readonly minChain: number
+  readonly forceStart: boolean
 }
 
 export class UsageError extends Error {
@@ -29,6 +39,18 @@ export const usage = `usage: chainchat-server --port <n> [options]
   --snapshot-every-records <n> take a snapshot after this many log records (default ${limits.snapshotEveryRecords})
   --snapshot-every-bytes <n>   ... or after this many log bytes (default ${limits.snapshotEveryBytes})
   --line-bytes-max <n>         longest request line accepted (default ${limits.lineBytesMax})
+
+replication:
+  --peers <h:p,h:p,h:p>        every member of the chain, this server included; the initial
+                               chain is ordered by port (then host), the lowest is the primary
+  --join <h:p>                 join a running chain through this member (a server not in --peers)
+  --secret-file <file>         shared secret for peer links (or set CHAINCHAT_SECRET); without
+                               one, peer links are accepted only from loopback addresses
+  --heartbeat-ms <n>           heartbeat interval on peer links (default ${limits.heartbeatMs})
+  --failure-timeout-ms <n>     a peer silent this long is considered failed (default ${limits.failureTimeoutMs})
+  --min-chain <n>              refuse writes while fewer members are in the chain (default 1)
+  --force-start                lead even without every member of the latest configuration
+                               (may lose writes that only the absent members hold)
   -h, --help                   show this help
 `
 
@@ -54,6 +76,13 @@ export function parseConfig (argv: string[]): Config | 'help' {
         'snapshot-every-records': { type: 'string' },
         'snapshot-every-bytes': { type: 'string' },
         'line-bytes-max': { type: 'string' },
+        peers: { type: 'string' },
+        join: { type: 'string' },
+        'secret-file': { type: 'string' },
+        'heartbeat-ms': { type: 'string' },
+        'failure-timeout-ms': { type: 'string' },
+        'min-chain': { type: 'string' },
+        'force-start': { type: 'boolean' },
         help: { type: 'boolean', short: 'h' }
       }
     }).values
@@ -65,7 +94,37 @@ export function parseConfig (argv: string[]): Config | 'help' {
   const port = integer('port', values.port, 0, 65535, 0)
   const host = values.host ?? '127.0.0.1'
   if (host === '') throw new UsageError('--host must not be empty')
+  const me = `${host}:${port}`
+  let peers: string[] | null = null
+  if (values.peers !== undefined) {
+    if (port === 0) throw new UsageError('--peers needs a fixed --port')
+    peers = sortChain(values.peers.split(',').map(p => p.trim()).filter(p => p !== '').map(p => address('peers', p)))
+    if (new Set(peers).size !== peers.length) throw new UsageError('--peers lists a member twice')
+    if (!peers.includes(me)) throw new UsageError(`--peers must include this server (${me})`)
+  }
+  const join = values.join === undefined ? null : address('join', values.join)
+  if (join !== null && port === 0) throw new UsageError('--join needs a fixed --port')
+  let secret: string | null = process.env.CHAINCHAT_SECRET ?? null
+  if (values['secret-file'] !== undefined) {
+    try {
+      secret = fs.readFileSync(values['secret-file'], 'utf8').trim()
+    } catch (e) {
+      throw new UsageError(`--secret-file: ${(e as Error).message}`)
+    }
+  }
+  if (secret === '') throw new UsageError('the peer secret is empty')
+  const heartbeatMs = integer('heartbeat-ms', values['heartbeat-ms'], 10, 60_000, limits.heartbeatMs)
+  const failureTimeoutMs = integer('failure-timeout-ms', values['failure-timeout-ms'], 50, 600_000, limits.failureTimeoutMs)
+  if (failureTimeoutMs < 2 * heartbeatMs) throw new UsageError('--failure-timeout-ms must be at least twice --heartbeat-ms')
   return Object.freeze({
+    peers,
+    me,
+    join,
+    secret,
+    heartbeatMs,
+    failureTimeoutMs,
+    minChain: integer('min-chain', values['min-chain'], 1, 64, 1),
+    forceStart: values['force-start'] === true,
     host,
     port,
     data: values.data === undefined ? null : path.resolve(values.data),
@@ -73,4 +132,16 @@ export function parseConfig (argv: string[]): Config | 'help' {
     snapshotEveryBytes: integer('snapshot-every-bytes', values['snapshot-every-bytes'], 1, Number.MAX_SAFE_INTEGER, limits.snapshotEveryBytes),
     lineBytesMax: integer('line-bytes-max', values['line-bytes-max'], 1024, 16 * 1024 * 1024, limits.lineBytesMax)
   })
+}
+
+function address (flag: string, text: string): string {
+  const m = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(text)
+  if (!m || Number(m[2]) < 1 || Number(m[2]) > 65535) throw new UsageError(`--${flag}: ${JSON.stringify(text)} is not host:port`)
+  return `${m[1]}:${Number(m[2])}`
+}
+
+// The initial chain order: by port, then by host (protocol.md, "Replication").
+export function sortChain (members: string[]): string[] {
+  const port = (a: string): number => Number(a.slice(a.lastIndexOf(':') + 1))
+  return [...members].sort((a, b) => port(a) - port(b) || (a < b ? -1 : a > b ? 1 : 0))
 }

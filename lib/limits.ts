@@ -38,6 +38,10 @@ export const limits = {
   scryptKeyBytes: 32,
   saltBytes: 16,
 
+  // replication
+  heartbeatMs: 100,
+  failureTimeoutMs: 1000,
+
   // shutdown
   shutdownGraceMs: 5000
 } as const

@@ -1,7 +1,8 @@
-// Wiring of one server: bind the port -> lock the data directory -> recover the state -> serve.
-// Connections that arrive while recovering wait and are served once recovery is done. Shutdown
-// is orderly: stop accepting, let in-flight writes finish and their replies go out, close the
-// log, release the lock.
+// Wiring of one server: bind the port -> lock the data directory -> recover the state -> serve,
+// alone or as a chain member. Connections that arrive while recovering wait and are served once
+// recovery is done. Each connection's first bytes tell a peer (`{"op":"peer_hello"`) from a
+// client. Shutdown is orderly: stop accepting, let in-flight writes finish and their replies go
+// out, close the log, release the lock.
 
 import path from 'node:path'
 import net from 'node:net'
@@ -9,13 +10,14 @@ import type { Config } from './config.ts'
 import { Store } from './storage/store.ts'
 import { lockDataDir } from './storage/lock.ts'
 import { Committer } from './committer.ts'
-import { Dispatcher } from './dispatcher.ts'
+import { Dispatcher, type Host } from './dispatcher.ts'
 import { ChatServer } from './server.ts'
 import { errors } from './errors.ts'
 import { limits } from './limits.ts'
-import type { ChatState } from './state.ts'
 import type { LogFn } from './logger.ts'
 import type { FileOps } from './storage/files.ts'
+import { MetaStore } from './replication/meta.ts'
+import { ChainNode } from './replication/chain-node.ts'
 
 export interface RunningNode {
   address: { host: string, port: number }
@@ -28,15 +30,17 @@ export interface NodeOptions {
   onFatal: (e: Error) => void
 }
 
+const peerHelloPrefix = '{"op":"peer_hello"'
+
 export async function startNode (config: Config, opts: NodeOptions): Promise<RunningNode> {
   const { log } = opts
   const startedAt = Date.now()
   // Bind first so --port 0 can name the data directory after the port it got; hold connections
   // until the state is recovered.
   const early: net.Socket[] = []
-  let chat: ChatServer | null = null
+  let accept: ((socket: net.Socket) => void) | null = null
   const listener = net.createServer({ noDelay: true, pauseOnConnect: true }, socket => {
-    if (chat) chat.handle(resumed(socket))
+    if (accept) accept(socket)
     else early.push(socket)
   })
   listener.maxConnections = limits.connectionsMax
@@ -48,7 +52,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       resolve({ host: a.address, port: a.port })
     })
   })
-  const nodeName = `${config.host}:${address.port}`
+  const nodeName = config.peers ? config.me : `${config.host}:${address.port}`
   const dir = config.data ?? path.resolve('data', String(address.port))
 
   let release: () => Promise<void>
@@ -60,7 +64,8 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   }
 
   let store: Store
-  let state: ChatState
+  let recovered: ReturnType<Store['recover']>
+  let meta: ReturnType<MetaStore['load']> = null
   try {
     store = new Store({
       dir,
@@ -70,10 +75,11 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       snapshotEveryRecords: config.snapshotEveryRecords,
       snapshotEveryBytes: config.snapshotEveryBytes
     })
+    // A chain member applies only what it knows was committed; the rest waits for the chain.
+    if (config.peers !== null || config.join !== null) meta = new MetaStore(dir, opts.files).load()
     const t0 = Date.now()
-    const recovered = store.recover()
-    state = recovered.state
-    log('info', 'recovered', { dir, index: state.index, snapshotIndex: recovered.snapshotIndex, replayed: recovered.replayed, truncatedBytes: recovered.truncatedBytes, ms: Date.now() - t0 })
+    recovered = store.recover(meta ? meta.commit : undefined)
+    log('info', 'recovered', { dir, index: recovered.state.index, lastIndex: store.log.lastIndex, snapshotIndex: recovered.snapshotIndex, replayed: recovered.replayed, truncatedBytes: recovered.truncatedBytes, ms: Date.now() - t0 })
   } catch (e) {
     listener.close()
     await release()
@@ -81,34 +87,97 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   }
 
   let shuttingDown = false
-  const dispatcher: Dispatcher = new Dispatcher({
-    state: () => state,
-    submit: body => committer.submit(body),
-    refuse: () => shuttingDown ? errors.shuttingDown() : null,
-    status: () => ({
-      node: nodeName,
-      role: 'single',
-      epoch: committer.epoch,
-      chain: [nodeName],
-      primary: nodeName,
-      index: state.index,
-      digest: state.digest(),
-      clients: chat?.clientCount ?? 0,
-      sessions: dispatcher.sessionsOnline(),
-      uptimeMs: Date.now() - startedAt,
-      storage: store.log.failed ? 'failed' : 'ok'
-    })
-  }, (level, msg, f) => log(level as 'info', msg, f))
-  const committer = new Committer(store, state, (r, a) => dispatcher.onApplied(r, a))
-
+  let chat: ChatServer | null = null
+  let chain: ChainNode | null = null
+  let single: Committer | null = null
+  const common = (): Record<string, unknown> => ({
+    node: nodeName,
+    digest: (chain ? chain.state : recovered.state).digest(),
+    clients: chat?.clientCount ?? 0,
+    sessions: dispatcher.sessionsOnline(),
+    uptimeMs: Date.now() - startedAt,
+    storage: store.log.failed ? 'failed' : 'ok'
+  })
+  const chainMode = config.peers !== null || config.join !== null
+  const host: Host = !chainMode
+    ? {
+        state: () => recovered.state,
+        submit: body => single!.submit(body),
+        refuse: () => shuttingDown ? errors.shuttingDown() : null,
+        status: () => ({ role: 'single', epoch: 0, chain: [nodeName], primary: nodeName, index: recovered.state.index, lastIndex: store.log.lastIndex, ...common() })
+      }
+    : {
+        state: () => chain!.state,
+        submit: body => chain!.submit(body),
+        refuse: () => shuttingDown ? errors.shuttingDown() : chain!.refuse(),
+        status: () => ({ ...chain!.status(), ...common() })
+      }
+  const dispatcher: Dispatcher = new Dispatcher(host, (level, msg, f) => log(level as 'info', msg, f))
   chat = new ChatServer(dispatcher, {
     lineBytesMax: config.lineBytesMax,
     inflightMax: limits.connectionInflightMax,
     outboundBytesMax: limits.connectionOutboundBytesMax
   })
   chat.adopt(listener)
-  for (const s of early.splice(0)) chat.handle(resumed(s))
-  log('info', 'started', { listen: nodeName, dir, role: 'single', index: state.index })
+
+  if (chainMode) {
+    if (config.secret === null) log('warn', 'no peer secret configured: peer links are accepted from loopback addresses only (use --secret-file or CHAINCHAT_SECRET)')
+    chain = new ChainNode({
+      me: config.me,
+      peers: config.peers ?? [],
+      join: config.join,
+      secret: config.secret ?? '',
+      requireLoopback: config.secret === null,
+      heartbeatMs: config.heartbeatMs,
+      failureTimeoutMs: config.failureTimeoutMs,
+      minChain: config.minChain,
+      forceStart: config.forceStart,
+      store,
+      log,
+      onApplied: (r, a) => dispatcher.onApplied(r, a),
+      dropClients: () => chat!.dropClients()
+    }, recovered.state, recovered.unapplied, meta)
+  } else {
+    single = new Committer(store, recovered.state, 0, (r, a) => dispatcher.onApplied(r, a))
+  }
+
+  accept = socket => route(socket)
+  const route = (socket: net.Socket): void => {
+    socket.setNoDelay(true)
+    let buf = Buffer.alloc(0)
+    const onData = (d: Buffer): void => {
+      buf = Buffer.concat([buf, d])
+      const text = buf.toString('utf8', 0, Math.min(buf.length, peerHelloPrefix.length))
+      const isPeer = text === peerHelloPrefix
+      if (!isPeer && (buf.length >= peerHelloPrefix.length || !peerHelloPrefix.startsWith(text) || buf.includes(10))) {
+        socket.off('data', onData)
+        socket.pause()
+        socket.unshift(buf)
+        if (shuttingDown) socket.destroy()
+        else chat!.handle(socket)
+        return
+      }
+      const nl = buf.indexOf(10)
+      if (isPeer && nl >= 0) {
+        socket.off('data', onData)
+        socket.pause()
+        if (nl + 1 < buf.length) socket.unshift(buf.subarray(nl + 1))
+        let hello: Record<string, unknown> | null = null
+        try { hello = JSON.parse(buf.subarray(0, nl).toString('utf8')) } catch { /* refused below */ }
+        if (!chain || !hello || shuttingDown) {
+          socket.end(JSON.stringify({ t: 'denied', why: chain ? 'bad peer_hello' : 'this server is not a chain member' }) + '\n')
+          return
+        }
+        chain.acceptPeer(socket, hello).catch(e => log('warn', 'peer handshake failed', { error: String(e) }))
+      } else if (buf.length > 4096) socket.destroy()
+    }
+    socket.on('data', onData)
+    socket.on('error', () => socket.destroy())
+    socket.resume()
+  }
+  for (const s of early.splice(0)) route(s)
+  chain?.start()
+  log('info', 'started', { listen: nodeName, dir, mode: chain ? 'chain' : 'single', index: recovered.state.index, peers: config.peers, join: config.join })
 
   let stopping: Promise<void> | null = null
   const shutdown = (reason: string): Promise<void> => {
@@ -117,18 +186,13 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
     log('info', 'shutting down', { reason })
     stopping = (async () => {
       await chat!.close(limits.shutdownGraceMs)
-      await committer.idle()
+      await Promise.race([Promise.all([single?.idle(), chain?.idle()]), new Promise(resolve => setTimeout(resolve, limits.shutdownGraceMs).unref())])
+      chain?.stop()
       store.close()
       await release()
-      log('info', 'stopped', { index: state.index })
+      log('info', 'stopped', { index: (chain ? chain.state : recovered.state).index })
     })()
     return stopping
   }
   return { address, shutdown }
-}
-
-function resumed (socket: net.Socket): net.Socket {
-  socket.setNoDelay(true)
-  socket.resume()
-  return socket
 }

@@ -153,6 +153,12 @@ export class ChatServer {
 
   get clientCount (): number { return this.connections.size }
 
+  // Disconnect every client at once (after losing the primary role: their requests' outcomes
+  // are unknown, and they retry elsewhere).
+  dropClients (): void {
+    for (const c of this.connections) c.destroy()
+  }
+
   // Stop accepting, stop reading, let in-flight requests finish and their replies go out.
   async close (graceMs: number): Promise<void> {
     const listener = this.listener

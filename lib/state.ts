@@ -129,13 +129,16 @@ const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: {
 // exactly-once table in chunks of ridsPerChunk. Small chunks keep every frame small.
 type SnapshotMessage = [number, string, string, string, number, 0 | 1] // id, from, to, text, ts, read
 export type SnapshotChunk =
-  | { kind: 'state', version: 1, index: number, lastTs: number }
+  | { kind: 'state', version: 1, index: number, lastEpoch: number, lastTs: number }
   | { kind: 'account', name: string, salt: string, hash: string, created: number, messages: SnapshotMessage[] }
+  | { kind: 'messages', name: string, messages: SnapshotMessage[] } // more of the last account's mailbox
   | { kind: 'rids', entries: Array<[string, number, Reply]> }
 const ridsPerChunk = 1000
+const messagesPerChunk = 1000
 
 export class ChatState {
   index = 0 // last applied log index
+  lastEpoch = 0 // epoch of the record at `index`
   lastTs = 0
   readonly accounts = new Map<string, Account>()
   readonly sortedKeys: string[] = [] // account keys, sorted, for listing and prefix search
@@ -153,6 +156,7 @@ export class ChatState {
   apply (r: LogRecord): Applied {
     assert.equal(r.i, this.index + 1, `record ${r.i} applied after ${this.index}`)
     this.index = r.i
+    this.lastEpoch = r.e
     if (r.ts > this.lastTs) this.lastTs = r.ts
     if (r.rk !== undefined) {
       const seen = this.rids.get(r.rk)
@@ -280,15 +284,22 @@ export class ChatState {
   }
 
   *snapshotChunks (): Generator<SnapshotChunk> {
-    yield { kind: 'state', version: 1, index: this.index, lastTs: this.lastTs }
+    yield { kind: 'state', version: 1, index: this.index, lastEpoch: this.lastEpoch, lastTs: this.lastTs }
     for (const key of this.sortedKeys) {
       const a = this.accounts.get(key)!
-      const messages: SnapshotMessage[] = []
+      let messages: SnapshotMessage[] = []
+      let first = true
       for (const id of a.mailbox.ids) {
         const m = a.mailbox.byId.get(id)!
         messages.push([m.id, m.from, m.to, m.text, m.ts, m.read ? 1 : 0])
+        if (messages.length === messagesPerChunk) {
+          yield first ? { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages } : { kind: 'messages', name: a.name, messages }
+          first = false
+          messages = []
+        }
       }
-      yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages }
+      if (first) yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages }
+      else if (messages.length > 0) yield { kind: 'messages', name: a.name, messages }
     }
     let entries: Array<[string, number, Reply]> = []
     for (const [k, e] of this.rids) {
@@ -311,12 +322,19 @@ export class ChatState {
         case 'state':
           assert.equal(c.version, 1, 'snapshot version')
           st.index = c.index
+          st.lastEpoch = c.lastEpoch ?? 0
           st.lastTs = c.lastTs
           sawState = true
           break
-        case 'account': {
-          const a: Account = { name: c.name, key: c.name.toLowerCase(), salt: c.salt, hash: c.hash, created: c.created, mailbox: new Mailbox() }
-          st.addAccount(a)
+        case 'account':
+        case 'messages': {
+          let a = st.accounts.get(c.name.toLowerCase())
+          if (c.kind === 'account') {
+            assert.ok(!a, `account ${c.name} twice in a snapshot`)
+            a = { name: c.name, key: c.name.toLowerCase(), salt: c.salt, hash: c.hash, created: c.created, mailbox: new Mailbox() }
+            st.addAccount(a)
+          }
+          assert.ok(a, `messages for unknown account ${c.name}`)
           for (const [id, from, to, text, ts, read] of c.messages) {
             const m = { id, from, to, text, ts }
             a.mailbox.add(m, read === 1)

@@ -28,7 +28,7 @@ t.test('send: ids are record indexes, unread counted, pushes reported as effects
   const { st, apply } = withUsers('alice', 'bob')
   const r = apply({ op: 'send', from: 'alice', to: 'BOB', text: 'hi' })
   t.ok(r.reply.ok)
-  t.same((r.reply as { message: unknown }).message, { id: 3, from: 'alice', to: 'bob', text: 'hi', ts: 1030 })
+  t.same((r.reply as unknown as { message: unknown }).message, { id: 3, from: 'alice', to: 'bob', text: 'hi', ts: 1030 })
   t.equal(r.effects.push?.id, 3)
   t.equal(st.account('bob')!.mailbox.unread.size, 1)
   const missing = apply({ op: 'send', from: 'alice', to: 'carol', text: 'x' })

@@ -35,6 +35,7 @@ function readOwner (file: string): number | null {
 // Take the lock. Resolves with a release function; onCompromised fires if the lock is lost
 // while held (its directory removed or taken over), which the server treats as fatal.
 export async function lockDataDir (dir: string, onCompromised: (e: Error) => void): Promise<() => Promise<void>> {
+  fs.mkdirSync(dir, { recursive: true })
   const lockPath = path.join(dir, 'LOCK')
   const ownerPath = path.join(dir, 'LOCK.owner')
   const opts = { realpath: false, lockfilePath: lockPath, stale: 10_000, update: 2_000, onCompromised }

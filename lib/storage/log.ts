@@ -72,7 +72,9 @@ export class SegmentLog {
         const f = decodeFrame(buf, off)
         const why = f.kind === 'bad' ? f.why : f.kind === 'short' ? 'frame cut short' : isRecord(f.value) ? null : 'not a log record'
         if (why !== null || f.kind !== 'ok') {
-          if (last && (f.kind === 'short' || !validFrameAfter(buf, off))) {
+          // Even a frame cut short is corruption if valid frames follow: its length field may be
+          // what was damaged.
+          if (last && !validFrameAfter(buf, off)) {
             this.warn('truncating a torn write at the end of the log', { file: seg.file, offset: off, bytes: buf.length - off, why })
             truncatedBytes = buf.length - off
             this.truncateFile(seg.file, off)
@@ -95,8 +97,10 @@ export class SegmentLog {
     }
     this.lastIndex = Math.max(afterIndex, prev ?? 0)
     if (prev !== null && prev < afterIndex && this.segments.length > 0) {
-      // Everything in the log is covered by the snapshot: start a fresh segment after it.
-      this.segments.push(this.createSegment(afterIndex + 1))
+      // Everything in the log is covered by the snapshot (a crash between writing a snapshot and
+      // resetting the log): drop those segments and start a fresh one after the snapshot.
+      for (const seg of this.segments) this.files.unlinkSync(seg.file)
+      this.segments = [this.createSegment(afterIndex + 1)]
     }
     if (this.segments.length === 0) this.segments.push(this.createSegment(afterIndex + 1))
     this.openLast()
@@ -123,11 +127,80 @@ export class SegmentLog {
     try {
       this.files.fdatasyncSync(this.fd)
     } catch (e) {
+      // The batch was refused, so try to take it back out; either way the log accepts nothing
+      // more, since after a failed fsync what the page cache holds is unknown.
       this.failure = errors.storage(e)
+      try { this.files.ftruncateSync(this.fd, before) } catch { /* the member stops acknowledging anyway */ }
       throw this.failure
     }
     this.size += frames.length
     this.lastIndex = lastIndexAfter
+  }
+
+  // Records from `from` to the end of the durable log, in chunks of at most chunkRecords, reading
+  // each segment file once. Used to catch a peer up; the caller sends one chunk at a time.
+  * readFrom (from: number, chunkRecords = 1000): Generator<LogRecord[]> {
+    let k = this.segments.length - 1
+    while (k > 0 && this.segments[k].firstIndex > from) k--
+    if (this.segments.length === 0 || this.segments[k].firstIndex > from) throw new RangeError(`record ${from} is no longer in the log (compacted)`)
+    const end = this.lastIndex
+    for (; k < this.segments.length; k++) {
+      const seg = this.segments[k]
+      const buf = this.files.readFileSync(seg.file)
+      let chunk: LogRecord[] = []
+      for (let off = 0; off < buf.length;) {
+        const f = decodeFrame(buf, off)
+        if (f.kind !== 'ok') break // a write in progress at the end of the open segment
+        const r = f.value as unknown as LogRecord
+        off = f.next
+        if (r.i > end) break
+        if (r.i < from) continue
+        chunk.push(r)
+        if (chunk.length >= chunkRecords) {
+          yield chunk
+          chunk = []
+        }
+      }
+      if (chunk.length > 0) yield chunk
+    }
+  }
+
+  // The first index still in the log (records before it were compacted into a snapshot).
+  get firstIndex (): number { return this.segments.length > 0 ? this.segments[0].firstIndex : this.lastIndex + 1 }
+
+  // Drop every record after `index`, durably. Used when a replica discards records the chain
+  // never committed before it is caught up again.
+  truncateAfter (index: number): void {
+    if (index >= this.lastIndex) return
+    if (this.failure) throw this.failure
+    this.files.closeSync(this.fd)
+    this.fd = -1
+    while (this.segments.length > 1 && this.segments[this.segments.length - 1].firstIndex > index + 1) {
+      this.files.unlinkSync(this.segments.pop()!.file)
+    }
+    const seg = this.segments[this.segments.length - 1]
+    const buf = this.files.readFileSync(seg.file)
+    let off = 0
+    let last = seg.firstIndex - 1
+    while (off < buf.length && last < index) {
+      const f = decodeFrame(buf, off)
+      if (f.kind !== 'ok') break
+      off = f.next
+      last = (f.value as unknown as LogRecord).i
+    }
+    this.truncateFile(seg.file, off)
+    fsyncDir(this.files, this.dir)
+    this.lastIndex = Math.min(last, index)
+    this.openLast()
+  }
+
+  // Throw the whole log away and start empty after `index` (a snapshot from a peer replaces it).
+  resetTo (index: number): void {
+    this.close()
+    for (const seg of this.segments) this.files.unlinkSync(seg.file)
+    this.segments = [this.createSegment(index + 1)]
+    this.lastIndex = index
+    this.openLast()
   }
 
   get failed (): ChatError | null { return this.failure }
@@ -137,10 +210,13 @@ export class SegmentLog {
   roll (): void {
     const cur = this.segments[this.segments.length - 1]
     if (cur.firstIndex === this.lastIndex + 1) return // already empty
+    // Create the new segment before letting go of the old one, so a failure leaves the log as it was.
+    const next = this.createSegment(this.lastIndex + 1)
+    const fd = this.files.openSync(next.file, 'a')
     this.files.closeSync(this.fd)
-    this.fd = -1
-    this.segments.push(this.createSegment(this.lastIndex + 1))
-    this.openLast()
+    this.fd = fd
+    this.size = 0
+    this.segments.push(next)
   }
 
   // Delete segments whose every record is at or below snapshotIndex.

@@ -23,6 +23,7 @@ export interface Recovered {
   snapshotIndex: number
   replayed: number
   truncatedBytes: number
+  unapplied: LogRecord[] // records in the log after applyLimit, in order
 }
 
 export class Store {
@@ -48,21 +49,39 @@ export class Store {
     this.log = new SegmentLog(this.dir, this.files, this.warn)
   }
 
-  // Load the newest snapshot and replay the log after it. Throws CorruptLogError or
-  // CorruptSnapshotError when the data cannot be trusted.
-  recover (): Recovered {
+  // Load the newest snapshot and replay the log after it, applying records up to applyLimit
+  // (a chain member applies only what it knows was committed) and returning the rest. Throws
+  // CorruptLogError or CorruptSnapshotError when the data cannot be trusted.
+  recover (applyLimit = Number.MAX_SAFE_INTEGER): Recovered {
     const snap = loadNewestSnapshot(this.files, this.dir)
     const state = snap ? ChatState.fromSnapshotChunks(snap.chunks) : new ChatState()
     this.snapshotIndex = state.index
     let replayed = 0
+    const unapplied: LogRecord[] = []
     const { truncatedBytes } = this.log.recover(state.index, (r: LogRecord) => {
-      state.apply(r)
-      replayed++
+      if (r.i <= applyLimit && unapplied.length === 0) {
+        state.apply(r)
+        replayed++
+      } else unapplied.push(r)
     })
     this.bytesSinceSnapshot = this.log.currentSegmentBytes
     removeOldSnapshots(this.files, this.dir, this.snapshotIndex)
-    return { state, snapshotIndex: this.snapshotIndex, replayed, truncatedBytes }
+    return { state, snapshotIndex: this.snapshotIndex, replayed, truncatedBytes, unapplied }
   }
+
+  // Replace everything with a snapshot received from a peer: write it durably, then start an
+  // empty log after it. Returns the state it holds.
+  installSnapshot (chunks: Array<Record<string, unknown>>): ChatState {
+    const state = ChatState.fromSnapshotChunks(chunks)
+    writeSnapshot(this.files, this.dir, state.index, state.snapshotChunks())
+    this.snapshotIndex = state.index
+    this.log.resetTo(state.index)
+    this.bytesSinceSnapshot = 0
+    removeOldSnapshots(this.files, this.dir, state.index)
+    return state
+  }
+
+  get snapshotAt (): number { return this.snapshotIndex }
 
   // Durably append a batch of encoded records (see SegmentLog.append).
   append (batch: { frames: Buffer, lastIndex: number }): void {

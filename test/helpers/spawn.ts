@@ -105,13 +105,21 @@ export function runServer (args: string[], timeoutMs = 20_000): Promise<{ code: 
   })
 }
 
+export interface WireLine {
+  ok?: boolean
+  id?: unknown
+  event?: string
+  error?: { code: string, message: string, [k: string]: unknown }
+  [field: string]: unknown
+}
+
 // A raw line connection, exactly what `nc` sends: replies matched by id, events collected.
 export class RawConn {
   private buf = ''
   private next = 1
-  private readonly waiting = new Map<unknown, (v: Record<string, unknown>) => void>()
-  readonly events: Array<Record<string, unknown>> = []
-  readonly lines: Array<Record<string, unknown>> = []
+  private readonly waiting = new Map<unknown, (v: WireLine) => void>()
+  readonly events: WireLine[] = []
+  readonly lines: WireLine[] = []
   closed = false
   private readonly closeWaiters: Array<() => void> = []
 
@@ -148,13 +156,13 @@ export class RawConn {
   }
 
   // Send a request and wait for the reply with its id.
-  req (obj: Record<string, unknown>, timeoutMs = 10_000): Promise<Record<string, unknown>> {
+  req (obj: Record<string, unknown>, timeoutMs = 10_000): Promise<WireLine> {
     const id = obj.id ?? `r${this.next++}`
     return this.send(JSON.stringify({ ...obj, id }) + '\n', id, timeoutMs)
   }
 
   // Send raw text and wait for the reply carrying `id` (undefined for replies without an id).
-  send (text: string, id: unknown, timeoutMs = 10_000): Promise<Record<string, unknown>> {
+  send (text: string, id: unknown, timeoutMs = 10_000): Promise<WireLine> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => { this.waiting.delete(id); reject(new Error(`no reply to ${text.slice(0, 80)} in ${timeoutMs} ms`)) }, timeoutMs)
       this.waiting.set(id, v => { clearTimeout(timer); resolve(v) })
@@ -162,7 +170,7 @@ export class RawConn {
     })
   }
 
-  async waitEvent (pred: (e: Record<string, unknown>) => boolean, timeoutMs = 5000): Promise<Record<string, unknown>> {
+  async waitEvent (pred: (e: WireLine) => boolean, timeoutMs = 5000): Promise<WireLine> {
     return await waitFor(() => {
       const i = this.events.findIndex(pred)
       return i >= 0 ? this.events.splice(i, 1)[0] : undefined

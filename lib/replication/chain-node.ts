@@ -1,0 +1,858 @@
+// A member of a replicated chain (protocol.md, "Replication"; README, "Fault model").
+//
+// Data flows client -> primary -> backup -> ... -> tail. The primary stamps a record and forwards
+// it; each backup persists it (fsync) and then forwards it; the tail acknowledges; every member
+// acknowledges upstream the highest index persisted by itself and everything after it; when the
+// primary hears back, it persists, applies and answers (committer.ts). The primary's state is
+// therefore always committed state, and a backup may hold records the primary never committed.
+// Backups apply a record only once the primary reports it committed (the `commit` index carried
+// on every append and heartbeat).
+//
+// Configurations are numbered by epoch. A member persists a configuration (meta.ts) before it
+// acts on it, and accepts the replication stream only from the predecessor its configuration
+// names, at that epoch. Every reconfiguration is made by the primary, except taking over from a
+// primary that died, which the first surviving member makes. On every new link the successor
+// discards what it has not applied and the predecessor resends from there (a snapshot first if
+// its log no longer reaches back that far), so uncommitted records are either committed by the
+// new configuration or dropped, never left half-known.
+
+import type net from 'node:net'
+import { Committer } from '../committer.ts'
+import type { Store } from '../storage/store.ts'
+import { encodeFrame } from '../storage/framing.ts'
+import type { ChatState, Applied } from '../state.ts'
+import type { LogRecord, RecordBody } from '../records.ts'
+import { ChatError, errors } from '../errors.ts'
+import type { LogFn } from '../logger.ts'
+import { MetaStore, sameConfig, type ChainConfig, type Meta } from './meta.ts'
+import { PeerSocket, connectPeer, acceptPeer, type PeerMessage } from './peer.ts'
+
+export type Role = 'primary' | 'backup' | 'joining' | 'waiting'
+
+export interface ChainOptions {
+  me: string
+  peers: string[] // every member of the initial chain, this one included, in chain order
+  join: string | null // a running member to join through (a server not in --peers)
+  secret: string
+  requireLoopback: boolean
+  heartbeatMs: number
+  failureTimeoutMs: number
+  minChain: number
+  forceStart: boolean
+  store: Store
+  log: LogFn
+  // Carry out a record's effects (pushes) on the primary.
+  onApplied: (record: LogRecord, applied: Applied) => void
+  // Close every client connection (after losing the primary role: outcomes are unknown).
+  dropClients: () => void
+}
+
+interface PeerInfo {
+  node: string
+  role: Role
+  epoch: number
+  chain: string[]
+  learner: string | null
+  applied: number
+  last: number
+  lastEpoch: number
+}
+
+const sleep = (ms: number): Promise<void> => new Promise(resolve => setTimeout(resolve, ms))
+
+// The most recent durable records, in memory, so that forwarding and short resends never read
+// the log files. Older records are read from disk.
+class RecentRecords {
+  private records: LogRecord[] = []
+  private start = 0 // position of the first live record in `records`
+  constructor (private readonly keep: number) {}
+
+  push (r: LogRecord): void {
+    const last = this.records.length > this.start ? this.records[this.records.length - 1] : null
+    if (last && r.i <= last.i) return // already held (a new primary applying what it inherited)
+    if (last && r.i !== last.i + 1) this.clear()
+    this.records.push(r)
+    if (this.records.length - this.start > this.keep) this.start++
+    if (this.start > this.keep) {
+      this.records = this.records.slice(this.start)
+      this.start = 0
+    }
+  }
+
+  // Up to max records from `from` through `upTo`, or null if `from` is not held here.
+  range (from: number, upTo: number, max: number): LogRecord[] | null {
+    if (this.records.length === this.start) return null
+    const first = this.records[this.start].i
+    const pos = this.start + from - first
+    if (from < first || pos >= this.records.length) return null
+    const end = Math.min(this.records.length, pos + max, pos + (upTo - from) + 1)
+    return this.records.slice(pos, Math.max(pos, end))
+  }
+
+  truncateAfter (index: number): void {
+    while (this.records.length > this.start && this.records[this.records.length - 1].i > index) this.records.pop()
+  }
+
+  clear (): void {
+    this.records = []
+    this.start = 0
+  }
+}
+
+// The link to our successor (or to a learner catching up behind the tail).
+class SuccessorLink {
+  acked = 0 // highest index the successor (and everything after it) has persisted
+  private next = 0 // next index to send
+  private disk: { iter: Generator<LogRecord[]>, next: number } | null = null // an ongoing read of older records
+  private pumping = false
+  private ready = false
+  private timer: NodeJS.Timeout | null = null
+  closed = false
+
+  constructor (private readonly node: ChainNode, readonly target: string, readonly learner: boolean, private readonly peer: PeerSocket) {
+    peer.on('message', (m: PeerMessage) => this.onMessage(m))
+    peer.on('close', () => this.fail('link closed'))
+    this.timer = setInterval(() => this.tick(), node.opts.heartbeatMs)
+  }
+
+  start (cfg: ChainConfig, commit: number): void {
+    this.peer.send({ t: 'sync', epoch: cfg.epoch, chain: cfg.chain, learner: cfg.learner, commit })
+  }
+
+  private tick (): void {
+    // A learner may be busy installing a large snapshot: it is not in the write path, so it
+    // gets a longer leash.
+    const limit = this.node.opts.failureTimeoutMs * (this.learner ? 10 : 1)
+    if (Date.now() - this.peer.lastHeard > limit) {
+      this.fail('heartbeats missed')
+      return
+    }
+    if (this.ready) this.peer.send({ t: 'hb', epoch: this.node.epoch, commit: this.node.commitIndex })
+  }
+
+  private onMessage (m: PeerMessage): void {
+    switch (m.t) {
+      case 'synced':
+        this.ready = true
+        this.next = Number(m.applied) + 1
+        this.acked = Number(m.applied)
+        this.pump()
+        return
+      case 'ack':
+        if (Number(m.index) > this.acked) {
+          this.acked = Number(m.index)
+          this.node.onSuccessorAck(this)
+        }
+        return
+      case 'reject':
+        this.node.onRejected(this.target, m)
+        this.close()
+        return
+      case 'suspect':
+      case 'promote':
+        this.node.onReport(m)
+    }
+  }
+
+  // Send everything from `next` up to what this member can offer, respecting backpressure.
+  pump (): void {
+    if (!this.ready || this.pumping || this.closed) return
+    this.pumping = true
+    this.pumpLoop().catch(e => this.fail(`resend failed: ${String(e)}`)).finally(() => { this.pumping = false })
+  }
+
+  private async pumpLoop (): Promise<void> {
+    for (;;) {
+      if (this.closed) return
+      const upTo = this.node.offerUpTo()
+      if (this.next > upTo) return
+      if (this.next < this.node.store.log.firstIndex && this.next <= this.node.state.index) {
+        await this.sendSnapshot()
+        continue
+      }
+      let records = this.node.recordsFrom(this.next, upTo)
+      if (records === null) records = this.readDisk(upTo)
+      if (records.length === 0) return
+      for (let k = 0; k < records.length; k += 500) {
+        const part = records.slice(k, k + 500)
+        this.peer.send({ t: 'append', epoch: this.node.epoch, commit: this.node.commitIndex, records: part })
+        this.next = part[part.length - 1].i + 1
+        await this.peer.drained()
+        if (this.closed) return
+      }
+    }
+  }
+
+  // Older records, read from the log files one segment at a time; the read continues where the
+  // previous one stopped, so catching up reads each file once.
+  private readDisk (upTo: number): LogRecord[] {
+    if (!this.disk || this.disk.next !== this.next) this.disk = { iter: this.node.store.log.readFrom(this.next, 1000), next: this.next }
+    const step = this.disk.iter.next()
+    if (step.done) {
+      this.disk = null
+      return []
+    }
+    const out = step.value.filter(r => r.i >= this.next && r.i <= upTo)
+    this.disk.next = out.length > 0 ? out[out.length - 1].i + 1 : this.next
+    return out
+  }
+
+  private async sendSnapshot (): Promise<void> {
+    const st = this.node.state
+    this.node.opts.log('info', 'sending a snapshot to catch a peer up', { peer: this.target, index: st.index })
+    const chunks = [...st.snapshotChunks()]
+    for (let k = 0; k < chunks.length; k += 50) {
+      this.peer.send({ t: 'snapshot', epoch: this.node.epoch, chunks: chunks.slice(k, k + 50), done: k + 50 >= chunks.length })
+      await this.peer.drained()
+    }
+    this.next = st.index + 1
+  }
+
+  fail (why: string): void {
+    if (this.closed) return
+    this.close()
+    this.node.onSuccessorFailed(this, why)
+  }
+
+  close (): void {
+    if (this.closed) return
+    this.closed = true
+    if (this.timer) clearInterval(this.timer)
+    this.peer.close()
+  }
+}
+
+export class ChainNode {
+  role: Role = 'waiting'
+  state: ChatState
+  readonly store: Store
+  readonly opts: ChainOptions
+  private readonly metaStore: MetaStore
+  private meta: Meta
+  private committer: Committer | null = null
+  private unapplied: LogRecord[] // durable here, not yet known to be committed
+  private readonly recent = new RecentRecords(20_000)
+  private lastEpoch: number // epoch of the last record in the log
+  private succ: SuccessorLink | null = null
+  private pred: PeerSocket | null = null
+  private predName: string | null = null
+  private predTimer: NodeJS.Timeout | null = null
+  private receiving: { records: LogRecord[], frames: Buffer[] } | null = null
+  private snapshotChunks: Array<Record<string, unknown>> = []
+  private discovering = false
+  private stopped = false
+  private commitSavedAt = 0
+  private reconfiguring = false
+  commitIndex = 0
+
+  constructor (opts: ChainOptions, state: ChatState, unapplied: LogRecord[], meta: Meta | null) {
+    this.opts = opts
+    this.store = opts.store
+    this.state = state
+    this.unapplied = unapplied
+    this.metaStore = new MetaStore(opts.store.dir, opts.store.files)
+    // A fresh member starts from the initial chain at epoch 0, which every fresh member agrees on.
+    this.meta = meta ?? { epoch: 0, chain: opts.join ? [] : [...opts.peers], learner: null, commit: state.index }
+    this.commitIndex = Math.max(this.meta.commit, state.index)
+    const last = unapplied.length > 0 ? unapplied[unapplied.length - 1] : null
+    this.lastEpoch = last ? last.e : state.lastEpoch
+    for (const r of unapplied) this.recent.push(r)
+  }
+
+  get epoch (): number { return this.meta.epoch }
+  get chain (): string[] { return this.meta.chain }
+
+  // ---- client-facing -----------------------------------------------------------------------
+
+  // Null when this member may serve clients, else the error they get.
+  refuse (): ChatError | null {
+    if (this.role === 'primary') {
+      if (!this.committer || !this.committer.caughtUp) return errors.unavailable('the new primary is committing what it inherited')
+      return null
+    }
+    if (this.role === 'backup') return errors.notPrimary(this.meta.chain[0] ?? null)
+    return errors.unavailable(this.role === 'waiting' ? 'this server is waiting for the members that hold the latest state' : 'this server is catching up to join the chain')
+  }
+
+  submit (body: RecordBody): Promise<Applied> {
+    if (!this.committer) return Promise.reject(errors.unavailable('this server is not the primary'))
+    if (this.meta.chain.length < this.opts.minChain) return Promise.reject(errors.unavailable(`fewer than ${this.opts.minChain} members are in the chain (--min-chain)`))
+    return this.committer.submit(body)
+  }
+
+  status (): Record<string, unknown> {
+    return {
+      role: this.role,
+      epoch: this.meta.epoch,
+      chain: this.meta.chain,
+      learner: this.meta.learner,
+      primary: this.role === 'waiting' || this.role === 'joining' ? null : this.meta.chain[0] ?? null,
+      index: this.state.index,
+      lastIndex: this.lastIndex(),
+      commit: this.commitIndex
+    }
+  }
+
+  // ---- start and discovery -----------------------------------------------------------------
+
+  start (): void {
+    this.opts.log('info', 'chain member starting', { epoch: this.meta.epoch, chain: this.meta.chain, index: this.state.index, lastIndex: this.lastIndex() })
+    this.discover()
+  }
+
+  stop (): void {
+    this.stopped = true
+    this.succ?.close()
+    this.pred?.close()
+    if (this.predTimer) clearInterval(this.predTimer)
+    this.committer?.abandon(errors.shuttingDown())
+  }
+
+  async idle (): Promise<void> {
+    await this.committer?.idle()
+  }
+
+  private lastIndex (): number {
+    return this.store.log.lastIndex
+  }
+
+  private setRole (role: Role, why: string): void {
+    if (this.role === role) return
+    this.opts.log('info', 'role change', { from: this.role, to: role, why, epoch: this.meta.epoch, chain: this.meta.chain })
+    this.role = role
+  }
+
+  private saveMeta (cfg: ChainConfig): void {
+    this.meta = { epoch: cfg.epoch, chain: [...cfg.chain], learner: cfg.learner, commit: this.commitIndex }
+    this.metaStore.save(this.meta)
+    this.commitSavedAt = Date.now()
+  }
+
+  // Find out whether a chain is running (then join it) or the cluster is starting cold (then
+  // lead if this member is sure to hold the latest state, else wait).
+  private discover (): void {
+    if (this.discovering || this.stopped) return
+    this.discovering = true
+    this.discoverLoop().catch(e => this.opts.log('error', 'discovery failed', { error: String(e) })).finally(() => { this.discovering = false })
+  }
+
+  private others (): string[] {
+    const all = new Set([...this.opts.peers, ...this.meta.chain, ...(this.meta.learner ? [this.meta.learner] : []), ...(this.opts.join ? [this.opts.join] : [])])
+    all.delete(this.opts.me)
+    return [...all]
+  }
+
+  private async discoverLoop (): Promise<void> {
+    let waitingLogged = false
+    while (!this.stopped && (this.role === 'waiting' || this.role === 'joining') && this.pred === null) {
+      const infos = (await Promise.all(this.others().map(a => this.probe(a)))).filter((x): x is PeerInfo => x !== null)
+      if (this.stopped || this.pred !== null || (this.role !== 'waiting' && this.role !== 'joining')) return
+      const heads = infos.filter(i => i.role === 'primary').sort((a, b) => b.epoch - a.epoch)
+      if (heads.length > 0) {
+        // A primary whose chain names us will link to us; otherwise ask it to let us join.
+        if (!heads[0].chain.includes(this.opts.me) && await this.askToJoin(heads[0].node)) {
+          // The tail links to us shortly; if it never does, ask again.
+          await sleep(this.opts.failureTimeoutMs * 5)
+          continue
+        }
+      } else if (this.role === 'waiting') {
+        const leader = this.coldStartLeader(infos)
+        if (leader === this.opts.me) {
+          const known = [this.meta, ...infos]
+          const latest = known.reduce((a, b) => b.epoch > a.epoch ? b : a)
+          const present = new Set(infos.map(i => i.node))
+          const chain = [this.opts.me, ...latest.chain.filter(m => m !== this.opts.me && present.has(m))]
+          if (this.opts.forceStart) for (const i of infos) if (!chain.includes(i.node)) chain.push(i.node)
+          this.becomePrimary(Math.max(...known.map(k => k.epoch)) + 1, chain, 'cold start: this member holds the latest state')
+          return
+        }
+        if (!waitingLogged) {
+          this.opts.log('info', 'waiting for the members of the latest configuration', { present: infos.map(i => i.node), leader })
+          waitingLogged = true
+        }
+      }
+      await sleep(Math.max(200, this.opts.failureTimeoutMs / 2))
+    }
+  }
+
+  // With no primary running: the member to lead, or null to keep waiting. Only a member of the
+  // latest configuration anyone knows may lead, and only with all of that configuration's
+  // members present (or when it names one member alone): anything less could lose writes that
+  // the last survivors acknowledged. Among them, the longest log wins.
+  private coldStartLeader (infos: PeerInfo[]): string | null {
+    const mine: PeerInfo = { node: this.opts.me, role: this.role, epoch: this.meta.epoch, chain: this.meta.chain, learner: this.meta.learner, applied: this.state.index, last: this.lastIndex(), lastEpoch: this.lastEpoch }
+    const all = [mine, ...infos]
+    const latest = all.reduce((a, b) => b.epoch > a.epoch ? b : a)
+    const present = new Map(all.map(i => [i.node, i]))
+    let candidates: PeerInfo[]
+    if (this.opts.forceStart) candidates = all.filter(i => i.epoch === latest.epoch || latest.chain.includes(i.node))
+    else {
+      if (latest.chain.length === 0 || !latest.chain.every(m => present.has(m))) return null
+      candidates = latest.chain.map(m => present.get(m)!)
+    }
+    if (candidates.length === 0) candidates = all
+    candidates.sort((a, b) => b.lastEpoch - a.lastEpoch || b.last - a.last || latest.chain.indexOf(a.node) - latest.chain.indexOf(b.node))
+    return candidates[0].node
+  }
+
+  private async probe (addr: string): Promise<PeerInfo | null> {
+    let peer: PeerSocket | null = null
+    try {
+      peer = await connectPeer(this.opts.me, addr, this.opts.secret, this.opts.failureTimeoutMs)
+      const p = peer
+      const reply = await new Promise<PeerMessage>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error('probe timed out')), this.opts.failureTimeoutMs)
+        p.once('message', (m: PeerMessage) => { clearTimeout(timer); resolve(m) })
+        p.once('close', () => { clearTimeout(timer); reject(new Error('closed')) })
+        p.send({ t: 'probe' })
+      })
+      return reply.t === 'info' ? reply.info as PeerInfo : null
+    } catch {
+      return null
+    } finally {
+      peer?.close()
+    }
+  }
+
+  private info (): PeerInfo {
+    return { node: this.opts.me, role: this.role, epoch: this.meta.epoch, chain: this.meta.chain, learner: this.meta.learner, applied: this.state.index, last: this.lastIndex(), lastEpoch: this.lastEpoch }
+  }
+
+  private async askToJoin (head: string): Promise<boolean> {
+    let peer: PeerSocket | null = null
+    try {
+      peer = await connectPeer(this.opts.me, head, this.opts.secret, this.opts.failureTimeoutMs)
+      const p = peer
+      const reply = await new Promise<PeerMessage>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error('join timed out')), this.opts.failureTimeoutMs * 5)
+        p.once('message', (m: PeerMessage) => { clearTimeout(timer); resolve(m) })
+        p.once('close', () => { clearTimeout(timer); reject(new Error('closed')) })
+        p.send({ t: 'join' })
+      })
+      if (reply.t !== 'joined') return false
+      if (this.pred !== null) return true // the tail already reached us
+      // Adopt the chain's configuration, so its tail's sync at that epoch is accepted.
+      this.saveMeta({ epoch: Number(reply.epoch), chain: reply.chain as string[], learner: this.opts.me })
+      this.setRole('joining', `joining through ${head}`)
+      this.opts.log('info', 'joining the chain as a learner', { head, epoch: this.meta.epoch, chain: this.meta.chain })
+      return true
+    } catch {
+      return false
+    } finally {
+      peer?.close()
+    }
+  }
+
+  // ---- leading -----------------------------------------------------------------------------
+
+  private becomePrimary (epoch: number, chain: string[], why: string): void {
+    this.saveMeta({ epoch, chain, learner: null })
+    this.committer?.abandon(errors.unavailable('configuration changed'))
+    this.committer = new Committer(this.store, this.state, epoch, (r, a) => {
+      this.recent.push(r)
+      this.lastEpoch = r.e
+      this.opts.onApplied(r, a)
+    }, (e) => this.onStorageFailure(e), this.unapplied)
+    this.committer.replicator = { forward: () => this.onForward() }
+    this.unapplied = []
+    this.dropPredecessor()
+    this.setRole('primary', why)
+    this.linkSuccessor()
+    this.onSuccessorAck(null)
+  }
+
+  // A new batch was stamped: send it on, or, with no successor in the write path, commit it.
+  private onForward (): void {
+    this.succ?.pump()
+    if (!this.succ || this.succ.learner) this.onSuccessorAck(null)
+  }
+
+  // The successor acknowledged more (or, with link null, there is no successor to wait for).
+  onSuccessorAck (link: SuccessorLink | null): void {
+    const inPath = this.succ && !this.succ.learner ? this.succ : null
+    if (link && link !== this.succ) return
+    if (this.succ?.learner && link === this.succ) this.maybePromoteLearner()
+    if (this.role === 'primary' && this.committer) {
+      const upTo = inPath ? inPath.acked : this.committer.lastAssigned
+      this.committer.acked(upTo)
+      this.commitIndex = this.state.index
+      this.persistCommitLazily()
+      return
+    }
+    if (this.pred) this.pred.send({ t: 'ack', index: this.ackUpstream() })
+  }
+
+  // What this member may acknowledge upstream: what it holds durably, and, if it has a
+  // successor in the write path, only what that successor has acknowledged too.
+  private ackUpstream (): number {
+    const mine = this.lastIndex()
+    return this.succ && !this.succ.learner ? Math.min(mine, this.succ.acked) : mine
+  }
+
+  // The highest index this member can send to its successor right now.
+  offerUpTo (): number {
+    return this.role === 'primary' && this.committer ? this.committer.lastAssigned : this.lastIndex()
+  }
+
+  // Records [from, upTo] held in memory: recent durable ones, then (on the primary) those not
+  // yet durable here. Null if `from` is older than memory reaches: read the log files.
+  recordsFrom (from: number, upTo: number): LogRecord[] | null {
+    const durable = this.lastIndex()
+    if (from > durable) return this.committer ? this.committer.pendingFrom(from).filter(r => r.i <= upTo).slice(0, 5000) : []
+    return this.recent.range(from, Math.min(upTo, durable), 5000)
+  }
+
+  // (Re)connect to the successor the configuration names: the next member of the chain, or,
+  // for the tail, the learner catching up behind it.
+  private linkSuccessor (): void {
+    this.succ?.close()
+    this.succ = null
+    const k = this.meta.chain.indexOf(this.opts.me)
+    const target = k >= 0 && k + 1 < this.meta.chain.length ? this.meta.chain[k + 1] : (k === this.meta.chain.length - 1 ? this.meta.learner : null)
+    if (!target) return
+    const learner = target === this.meta.learner
+    const epoch = this.meta.epoch
+    connectPeer(this.opts.me, target, this.opts.secret, this.opts.failureTimeoutMs).then(peer => {
+      if (this.stopped || this.meta.epoch !== epoch || this.succ !== null) {
+        peer.close()
+        return
+      }
+      this.succ = new SuccessorLink(this, target, learner, peer)
+      this.succ.start(this.meta, this.commitIndex)
+      this.opts.log('info', 'linked to successor', { successor: target, learner, epoch })
+    }, e => {
+      if (this.stopped || this.meta.epoch !== epoch) return
+      this.opts.log('warn', 'cannot reach successor', { successor: target, error: String(e) })
+      this.successorGone(target)
+    })
+  }
+
+  onSuccessorFailed (link: SuccessorLink, why: string): void {
+    if (link !== this.succ || this.stopped) return
+    this.succ = null
+    this.opts.log('warn', 'peer lost', { peer: link.target, why, epoch: this.meta.epoch })
+    this.successorGone(link.target)
+  }
+
+  // Our successor is unreachable. The primary checks, then drops it from the configuration; a
+  // backup reports it upstream and lets the primary decide.
+  private successorGone (target: string): void {
+    if (this.role === 'primary') this.removeMember(target, 'unreachable')
+    else if (this.pred) this.pred.send({ t: 'suspect', epoch: this.meta.epoch, member: target })
+  }
+
+  // Relayed reports from downstream: a member suspected dead, or a learner ready to join.
+  onReport (m: PeerMessage): void {
+    if (Number(m.epoch) !== this.meta.epoch) return
+    if (this.role !== 'primary') {
+      this.pred?.send(m)
+      return
+    }
+    if (m.t === 'suspect' && typeof m.member === 'string') this.removeMember(m.member, 'reported unreachable')
+    if (m.t === 'promote' && m.member === this.meta.learner) this.reconfigure({ epoch: this.meta.epoch + 1, chain: [...this.meta.chain, m.member as string], learner: null }, `learner ${m.member as string} caught up`)
+  }
+
+  private maybePromoteLearner (): void {
+    const link = this.succ
+    if (!link || !link.learner || this.meta.learner !== link.target) return
+    if (this.lastIndex() - link.acked > 1000) return
+    const report = { t: 'promote', epoch: this.meta.epoch, member: link.target }
+    if (this.role === 'primary') this.onReport(report)
+    else this.pred?.send(report)
+  }
+
+  // Drop a member, but only after checking it really is gone: a member that answers is alive,
+  // and if it knows a newer configuration, this primary is stale and steps down instead.
+  private removeMember (member: string, why: string): void {
+    if (this.reconfiguring) return
+    this.reconfiguring = true
+    const epoch = this.meta.epoch
+    this.probe(member).then(info => {
+      this.reconfiguring = false
+      if (this.role !== 'primary' || this.meta.epoch !== epoch || this.stopped) return
+      if (info && info.epoch > epoch) {
+        this.stepDown(`${member} knows a newer configuration (epoch ${info.epoch})`)
+        return
+      }
+      if (info && info.epoch === epoch && this.meta.chain.includes(member)) {
+        // Alive at our epoch: the link broke but the member did not. Link again.
+        this.reconfigure({ epoch: epoch + 1, chain: this.meta.chain, learner: this.meta.learner }, `relinking ${member}`)
+        return
+      }
+      this.reconfigure({
+        epoch: epoch + 1,
+        chain: this.meta.chain.filter(m => m !== member),
+        learner: this.meta.learner === member ? null : this.meta.learner
+      }, `${member} ${why}`)
+    }, () => { this.reconfiguring = false })
+  }
+
+  // Adopt a new configuration as primary: persist it, then relink down the chain, which
+  // resends whatever the new successor lacks.
+  private reconfigure (cfg: ChainConfig, why: string): void {
+    if (cfg.chain[0] !== this.opts.me) throw new Error('only the primary reconfigures')
+    this.saveMeta(cfg)
+    this.opts.log('info', 'reconfigured', { why, epoch: cfg.epoch, chain: cfg.chain, learner: cfg.learner })
+    this.linkSuccessor()
+    this.onSuccessorAck(null)
+  }
+
+  onRejected (target: string, m: PeerMessage): void {
+    const epoch = Number(m.epoch)
+    if (epoch > this.meta.epoch) this.stepDown(`${target} is at epoch ${epoch}`)
+  }
+
+  // Stop leading: nothing more can be acknowledged here. Pending requests have unknown
+  // outcomes; their clients are disconnected and retry elsewhere with their rids.
+  private stepDown (why: string): void {
+    if (this.role !== 'primary') return
+    this.opts.log('warn', 'stepping down', { why, epoch: this.meta.epoch })
+    // Disconnect clients first: their pending requests may yet be committed by the new primary,
+    // so they must not be told "nothing was applied"; they retry with their rids.
+    this.opts.dropClients()
+    this.committer?.abandon(errors.unavailable('this server stopped being the primary'))
+    this.committer = null
+    this.succ?.close()
+    this.succ = null
+    this.setRole('joining', why)
+    this.discover()
+  }
+
+  private onStorageFailure (e: ChatError): void {
+    this.opts.log('error', 'storage error', { error: e.message })
+    if (this.role === 'primary') this.stepDown('local storage failed')
+  }
+
+  private persistCommitLazily (): void {
+    if (Date.now() - this.commitSavedAt < 1000) return
+    try {
+      this.saveMeta(this.meta)
+    } catch (e) {
+      this.opts.log('warn', 'could not save the commit index', { error: String(e) })
+    }
+  }
+
+  // ---- following ---------------------------------------------------------------------------
+
+  // A peer connected to us. After authentication its first message says what it wants.
+  async acceptPeer (socket: net.Socket, hello: Record<string, unknown>): Promise<void> {
+    const peer = await acceptPeer(this.opts.me, socket, hello, this.opts.secret, this.opts.requireLoopback, this.opts.failureTimeoutMs)
+    if (!peer) {
+      this.opts.log('warn', 'peer connection refused', { from: String(hello.from).slice(0, 80), address: socket.remoteAddress })
+      return
+    }
+    peer.once('message', (m: PeerMessage) => {
+      switch (m.t) {
+        case 'probe':
+          peer.send({ t: 'info', info: this.info() })
+          return
+        case 'join':
+          this.onJoinRequest(peer)
+          return
+        case 'sync':
+          this.onSync(peer, m)
+          return
+        default:
+          peer.close()
+      }
+    })
+  }
+
+  private onJoinRequest (peer: PeerSocket): void {
+    const member = peer.remote
+    if (this.role !== 'primary' || this.reconfiguring) {
+      peer.send({ t: 'not_joined', why: 'not the primary' })
+      return
+    }
+    if (this.meta.learner !== null && this.meta.learner !== member) {
+      peer.send({ t: 'not_joined', why: 'another server is joining' })
+      return
+    }
+    if (this.meta.learner === member) {
+      peer.send({ t: 'joined', epoch: this.meta.epoch, chain: this.meta.chain })
+      return
+    }
+    // A member that asks to join has restarted: whatever place it had is gone.
+    const cfg = { epoch: this.meta.epoch + 1, chain: this.meta.chain.filter(m => m !== member), learner: member }
+    this.reconfigure(cfg, `${member} asked to join`)
+    peer.send({ t: 'joined', epoch: cfg.epoch, chain: cfg.chain })
+  }
+
+  // A predecessor opens the replication stream with its configuration.
+  private onSync (peer: PeerSocket, m: PeerMessage): void {
+    const cfg: ChainConfig = { epoch: Number(m.epoch), chain: m.chain as string[], learner: (m.learner as string | null) ?? null }
+    const k = cfg.chain.indexOf(this.opts.me)
+    const expectedPred = k > 0 ? cfg.chain[k - 1] : (cfg.learner === this.opts.me ? cfg.chain[cfg.chain.length - 1] : null)
+    const newer = cfg.epoch > this.meta.epoch
+    const same = cfg.epoch === this.meta.epoch && sameConfig(cfg, this.meta)
+    if (!(newer || same) || expectedPred !== peer.remote || !Number.isSafeInteger(cfg.epoch)) {
+      peer.send({ t: 'reject', epoch: this.meta.epoch, chain: this.meta.chain })
+      setTimeout(() => peer.close(), 100).unref()
+      return
+    }
+    if (this.role === 'primary') this.stepDown(`a newer configuration names ${peer.remote} as our predecessor`)
+    this.saveMeta(cfg)
+    this.dropPredecessor()
+    this.pred = peer
+    this.predName = peer.remote
+    this.setRole(k >= 0 ? 'backup' : 'joining', `synced from ${peer.remote} at epoch ${cfg.epoch}`)
+    // Discard what was never known to be committed; the predecessor resends from here.
+    this.store.log.truncateAfter(this.state.index)
+    this.recent.truncateAfter(this.state.index)
+    this.unapplied = []
+    this.lastEpoch = this.state.lastEpoch
+    this.commitIndex = Math.max(this.commitIndex, this.state.index)
+    peer.on('message', (msg: PeerMessage) => this.onPredMessage(peer, msg))
+    peer.on('close', () => this.onPredecessorLost(peer, 'link closed'))
+    this.predTimer = setInterval(() => {
+      // A learner's predecessor may be busy sending a large snapshot: a longer leash.
+      if (Date.now() - peer.lastHeard > this.opts.failureTimeoutMs * (this.role === 'joining' ? 10 : 1)) {
+        peer.close()
+      }
+    }, this.opts.heartbeatMs)
+    peer.send({ t: 'synced', applied: this.state.index })
+    this.opts.log('info', 'following', { predecessor: peer.remote, epoch: cfg.epoch, chain: cfg.chain, learner: cfg.learner, from: this.state.index + 1 })
+    this.linkSuccessor()
+  }
+
+  private onPredMessage (peer: PeerSocket, m: PeerMessage): void {
+    if (peer !== this.pred) return
+    if (Number(m.epoch) !== this.meta.epoch) {
+      peer.send({ t: 'reject', epoch: this.meta.epoch, chain: this.meta.chain })
+      peer.close()
+      return
+    }
+    switch (m.t) {
+      case 'append':
+        this.receive(m.records as LogRecord[])
+        this.applyCommitted(Number(m.commit))
+        return
+      case 'hb':
+        this.applyCommitted(Number(m.commit))
+        peer.send({ t: 'ack', index: this.ackUpstream() })
+        return
+      case 'snapshot':
+        this.snapshotChunks.push(...(m.chunks as Array<Record<string, unknown>>))
+        if (m.done) {
+          this.state = this.store.installSnapshot(this.snapshotChunks)
+          this.snapshotChunks = []
+          this.unapplied = []
+          this.recent.clear()
+          this.lastEpoch = this.state.lastEpoch
+          this.commitIndex = Math.max(this.commitIndex, this.state.index)
+          this.opts.log('info', 'installed a snapshot from the chain', { index: this.state.index })
+        }
+        return
+      case 'suspect':
+      case 'promote':
+        return
+      default:
+        peer.close()
+    }
+  }
+
+  // Records from the predecessor: persist them (many messages share one fsync), then forward.
+  private receive (records: LogRecord[]): void {
+    if (records.length === 0) return
+    const expected = this.lastIndex() + (this.receiving ? this.receiving.records.length : 0) + 1
+    if (records[0].i !== expected) {
+      this.opts.log('warn', 'out-of-order records from the predecessor; resyncing', { got: records[0].i, expected })
+      this.pred?.close()
+      return
+    }
+    if (!this.receiving) {
+      this.receiving = { records: [], frames: [] }
+      setImmediate(() => this.persistReceived())
+    }
+    for (const r of records) {
+      this.receiving.records.push(r)
+      this.receiving.frames.push(encodeFrame(r))
+    }
+  }
+
+  private persistReceived (): void {
+    const batch = this.receiving
+    this.receiving = null
+    if (!batch || batch.records.length === 0) return
+    const last = batch.records[batch.records.length - 1]
+    try {
+      this.store.append({ frames: Buffer.concat(batch.frames), lastIndex: last.i })
+    } catch (e) {
+      // After a failed write or fsync this member must not acknowledge anything: leave the
+      // chain. The predecessor notices and carries on without us; we rejoin later.
+      this.opts.log('error', 'storage error; leaving the chain', { error: String(e) })
+      this.dropPredecessor()
+      this.succ?.close()
+      this.succ = null
+      this.setRole('joining', 'local storage failed')
+      setTimeout(() => this.discover(), this.opts.failureTimeoutMs * 2).unref()
+      return
+    }
+    for (const r of batch.records) {
+      this.unapplied.push(r)
+      this.recent.push(r)
+    }
+    this.lastEpoch = last.e
+    this.succ?.pump()
+    this.onSuccessorAck(null)
+  }
+
+  private applyCommitted (commit: number): void {
+    if (!Number.isSafeInteger(commit)) return
+    if (commit > this.commitIndex) this.commitIndex = commit
+    let n = 0
+    while (n < this.unapplied.length && this.unapplied[n].i <= this.commitIndex) this.state.apply(this.unapplied[n++])
+    if (n > 0) {
+      this.unapplied.splice(0, n)
+      this.store.maybeSnapshot(this.state)
+    }
+    this.persistCommitLazily()
+  }
+
+  private dropPredecessor (): void {
+    if (this.predTimer) clearInterval(this.predTimer)
+    this.predTimer = null
+    const p = this.pred
+    this.pred = null
+    this.predName = null
+    p?.close()
+  }
+
+  // The predecessor went quiet or away. If every member ahead of us is gone, we lead;
+  // otherwise the primary will reconfigure (and we check again if it does not).
+  private onPredecessorLost (peer: PeerSocket, why: string): void {
+    if (peer !== this.pred || this.stopped) return
+    const lost = this.predName
+    this.dropPredecessor()
+    this.opts.log('warn', 'peer lost', { peer: lost, why, epoch: this.meta.epoch })
+    this.checkAhead().catch(e => this.opts.log('error', 'failover check failed', { error: String(e) }))
+  }
+
+  private async checkAhead (): Promise<void> {
+    for (let attempt = 0; !this.stopped && this.pred === null && (this.role === 'backup' || this.role === 'joining'); attempt++) {
+      const k = this.meta.chain.indexOf(this.opts.me)
+      if (k < 0) {
+        // A learner whose tail vanished: start over.
+        this.setRole('joining', 'lost the member we were catching up from')
+        this.discover()
+        return
+      }
+      const ahead = this.meta.chain.slice(0, k)
+      const infos = (await Promise.all(ahead.map(a => this.probe(a)))).filter((x): x is PeerInfo => x !== null)
+      if (this.pred !== null || this.stopped) return
+      const newer = infos.filter(i => i.epoch > this.meta.epoch)
+      if (newer.length > 0) {
+        if (!newer.some(i => i.chain.includes(this.opts.me))) {
+          this.setRole('joining', 'the chain moved on without us')
+          this.discover()
+          return
+        }
+      } else if (infos.length === 0) {
+        const chain = this.meta.chain.slice(k)
+        this.becomePrimary(this.meta.epoch + 1, chain, `every member ahead (${ahead.join(', ')}) is unreachable`)
+        return
+      }
+      await sleep(this.opts.failureTimeoutMs)
+    }
+  }
+}

@@ -1,0 +1,344 @@
+import t, { type Test } from 'tap'
+import fs from 'node:fs'
+import path from 'node:path'
+import { Store, type StoreOptions } from '../lib/storage/store.ts'
+import { segmentName } from '../lib/storage/log.ts'
+import { CorruptSnapshotError, writeSnapshot } from '../lib/storage/snapshot.ts'
+import { encodeFrame } from '../lib/storage/framing.ts'
+import { realFiles } from '../lib/storage/files.ts'
+import { ChatState } from '../lib/state.ts'
+import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles, stateView } from './helpers/storage.ts'
+
+const snapName = (index: number): string => `snapshot-${String(index).padStart(20, '0')}.snap`
+
+interface Logged { msg: string, fields?: Record<string, unknown> }
+
+function openStore (opts: StoreOptions): { store: Store, warnings: Logged[], infos: Logged[] } {
+  const warnings: Logged[] = []
+  const infos: Logged[] = []
+  const store = new Store({ warn: (msg, fields) => { warnings.push({ msg, fields }) }, info: (msg, fields) => { infos.push({ msg, fields }) }, ...opts })
+  return { store, warnings, infos }
+}
+
+// What the committer does with each record: make it durable, apply it, consider a snapshot.
+function drive (store: Store, state: ChatState, from: number, to: number): void {
+  for (let i = from; i <= to; i++) {
+    const r = record(i)
+    store.append(batch([r]))
+    state.apply(r)
+    store.maybeSnapshot(state)
+  }
+}
+
+function replayed (to: number): ChatState {
+  const st = new ChatState()
+  for (const r of records(1, to)) st.apply(r)
+  return st
+}
+
+function reopen (t: Test, dir: string, opts: Partial<StoreOptions> = {}): ReturnType<Store['recover']> & { store: Store } {
+  const { store } = openStore({ dir, ...opts })
+  t.teardown(() => store.close())
+  return { ...store.recover(), store }
+}
+
+t.test('the record stream exercises the state: read and unread mail, a deleted account, rids', async t => {
+  const v = stateView(replayed(35)) as { accounts: Array<{ key: string, unread: number[], ids: number[] }>, rids: unknown[] }
+  t.same(v.accounts.map(a => a.key), ['alice', 'bob', 'carol'], 'dave was deleted')
+  t.ok(v.accounts.some(a => a.ids.length > a.unread.length), 'some messages read')
+  t.ok(v.accounts.some(a => a.unread.length > 0), 'some unread')
+  t.ok(v.rids.length > 10)
+})
+
+t.test('snapshot every 10 records: one snapshot, covered segments deleted, recovery equals the original', async t => {
+  const dir = tempDir(t, 'store')
+  const { store, infos, warnings } = openStore({ dir, snapshotEveryRecords: 10 })
+  const rec0 = store.recover()
+  t.same({ index: rec0.state.index, snapshotIndex: rec0.snapshotIndex, replayed: rec0.replayed, truncatedBytes: rec0.truncatedBytes }, { index: 0, snapshotIndex: 0, replayed: 0, truncatedBytes: 0 })
+  const state = rec0.state
+  drive(store, state, 1, 9)
+  t.same(fs.readdirSync(dir), [segmentName(1)], 'no snapshot before 10 records')
+  drive(store, state, 10, 10)
+  t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10)], 'at 10: snapshot, new segment, old one gone')
+  drive(store, state, 11, 35)
+  store.close()
+  t.same(fs.readdirSync(dir).sort(), [segmentName(31), snapName(30)], 'exactly one snapshot and the segment after it')
+  t.same(infos.map(i => i.fields && [i.msg, i.fields.index, i.fields.segmentsRemoved, i.fields.file]), [10, 20, 30].map(n => ['snapshot written', n, 1, path.join(dir, snapName(n))]))
+  t.same(warnings, [])
+  const seg = fs.readFileSync(path.join(dir, segmentName(31)))
+  t.equal(frameSpans(seg).length, 5, 'records 31..35 in the live segment')
+
+  t.same(stateView(state), stateView(replayed(35)), 'the live state is what applying the records gives')
+  const back = reopen(t, dir, { snapshotEveryRecords: 10 })
+  t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed, truncatedBytes: back.truncatedBytes }, { snapshotIndex: 30, replayed: 5, truncatedBytes: 0 })
+  t.equal(back.state.digest(), state.digest(), 'digest')
+  t.equal(back.state.index, 35, 'index')
+  t.same(stateView(back.state), stateView(state), 'accounts, mailboxes, read flags, rid table')
+  t.same(back.state.ridReply('alice\u0000r35'), state.ridReply('alice\u0000r35'), 'a stored reply answers a retry')
+
+  // The recovered store carries on: the next snapshot at 40 replaces the one at 30.
+  drive(back.store, back.state, 36, 41)
+  back.store.close()
+  t.same(fs.readdirSync(dir).sort(), [segmentName(41), snapName(40)])
+  const again = reopen(t, dir)
+  t.same(stateView(again.state), stateView(replayed(41)))
+  t.same({ snapshotIndex: again.snapshotIndex, replayed: again.replayed }, { snapshotIndex: 40, replayed: 1 })
+})
+
+t.test('a snapshot is also taken when enough bytes have been logged', async t => {
+  const dir = tempDir(t, 'store')
+  const { store } = openStore({ dir, snapshotEveryRecords: 1_000_000, snapshotEveryBytes: 1000 })
+  const { state } = store.recover()
+  let bytes = 0
+  let expected = 0
+  for (let i = 1; expected === 0; i++) {
+    bytes += encodeFrame(record(i)).length
+    if (bytes >= 1000) expected = i
+  }
+  drive(store, state, 1, expected - 1)
+  t.same(fs.readdirSync(dir), [segmentName(1)], `nothing before ${expected}`)
+  drive(store, state, expected, expected)
+  t.same(fs.readdirSync(dir).sort(), [segmentName(expected + 1), snapName(expected)])
+  store.close()
+  const back = reopen(t, dir)
+  t.same(stateView(back.state), stateView(state))
+  // The byte count starts from what the live segment holds after a restart.
+  drive(back.store, back.state, expected + 1, expected + 2)
+  t.same(fs.readdirSync(dir).sort(), [segmentName(expected + 1), snapName(expected)], 'two records are not 1000 bytes')
+})
+
+t.test('a store without log hooks: torn tail reported in the result, snapshots taken quietly', async t => {
+  const dir = tempDir(t, 'store')
+  const store = new Store({ dir, snapshotEveryRecords: 4 })
+  const { state } = store.recover()
+  drive(store, state, 1, 6)
+  store.close()
+  t.same(fs.readdirSync(dir).sort(), [segmentName(5), snapName(4)])
+  const seg = path.join(dir, segmentName(5))
+  const size = fs.statSync(seg).size
+  fs.appendFileSync(seg, encodeFrame(record(7)).subarray(0, 20))
+  const back = new Store({ dir })
+  const r = back.recover()
+  back.close()
+  t.same({ index: r.state.index, snapshotIndex: r.snapshotIndex, replayed: r.replayed, truncatedBytes: r.truncatedBytes }, { index: 6, snapshotIndex: 4, replayed: 2, truncatedBytes: 20 })
+  t.equal(fs.statSync(seg).size, size)
+  t.same(stateView(r.state), stateView(state))
+})
+
+t.test('snapshot() with nothing new since the last snapshot writes nothing', async t => {
+  const dir = tempDir(t, 'store')
+  const ff = faultyFiles()
+  const { store } = openStore({ dir, files: ff.files, snapshotEveryRecords: 5 })
+  const { state } = store.recover()
+  store.snapshot(state)
+  t.equal(ff.calls.renameSync, 0, 'an empty state at index 0 is not snapshotted')
+  drive(store, state, 1, 5)
+  t.equal(ff.calls.renameSync, 1)
+  store.snapshot(state)
+  store.maybeSnapshot(state)
+  t.equal(ff.calls.renameSync, 1, 'no second snapshot at the same index')
+  store.close()
+})
+
+t.test('recovery from snapshot + log when a crash came between the snapshot and the compaction', async t => {
+  // Snapshot at 12 renamed into place, but the log was neither rolled nor compacted.
+  const dir = tempDir(t, 'store')
+  const { store } = openStore({ dir })
+  const { state } = store.recover()
+  drive(store, state, 1, 15)
+  store.close()
+  writeSnapshot(realFiles, dir, 12, replayed(12).snapshotChunks())
+  t.same(fs.readdirSync(dir).sort(), [segmentName(1), snapName(12)])
+  const back = reopen(t, dir, { snapshotEveryRecords: 5 })
+  t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 12, replayed: 3 })
+  t.same(stateView(back.state), stateView(state))
+  drive(back.store, back.state, 16, 17)
+  back.store.close()
+  t.same(fs.readdirSync(dir).sort(), [segmentName(18), snapName(17)], 'the next snapshot compacts the old segment')
+  t.same(stateView(reopen(t, dir).state), stateView(replayed(17)))
+})
+
+t.test('recovery when the snapshot covers the whole log, and a restart after that', async t => {
+  // The log reaches 15, the snapshot 20: as after a crash between writing a snapshot received
+  // from a peer and resetting the log to start after it.
+  const dir = tempDir(t, 'store')
+  const { store } = openStore({ dir })
+  const { state } = store.recover()
+  drive(store, state, 1, 15)
+  store.close()
+  writeSnapshot(realFiles, dir, 20, replayed(20).snapshotChunks())
+  const back = reopen(t, dir)
+  t.same({ index: back.state.index, snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { index: 20, snapshotIndex: 20, replayed: 0 })
+  t.equal(back.store.log.lastIndex, 20)
+  drive(back.store, back.state, 21, 22)
+  back.store.close()
+  const e = thrown(() => reopen(t, dir))
+  t.equal(e, undefined, `the restart recovers (got ${String(e)})`)
+  if (e === undefined) t.same(stateView(reopen(t, dir).state), stateView(replayed(22)))
+})
+
+t.test('a crash mid-snapshot: the partial temporary file is ignored and removed', async t => {
+  const partialOf = (index: number): Buffer => {
+    const scratch = tempDir(t, 'scratch')
+    const full = fs.readFileSync(writeSnapshot(realFiles, scratch, index, replayed(index).snapshotChunks()))
+    return full.subarray(0, full.length >> 1)
+  }
+
+  t.test('with no snapshot before it', async t => {
+    const dir = tempDir(t, 'store')
+    const { store } = openStore({ dir })
+    const { state } = store.recover()
+    drive(store, state, 1, 7)
+    store.close()
+    fs.writeFileSync(path.join(dir, snapName(7) + '.tmp'), partialOf(7))
+    const back = reopen(t, dir)
+    t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 0, replayed: 7 })
+    t.same(stateView(back.state), stateView(state))
+    t.same(fs.readdirSync(dir), [segmentName(1)], 'temporary file removed')
+  })
+
+  t.test('with an older snapshot', async t => {
+    const dir = tempDir(t, 'store')
+    const { store } = openStore({ dir, snapshotEveryRecords: 10 })
+    const { state } = store.recover()
+    drive(store, state, 1, 15)
+    store.close()
+    fs.writeFileSync(path.join(dir, snapName(15) + '.tmp'), partialOf(15))
+    fs.writeFileSync(path.join(dir, snapName(14) + '.tmp'), '') // an even earlier crash, right after the open
+    t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10), snapName(14) + '.tmp', snapName(15) + '.tmp'])
+    const back = reopen(t, dir)
+    t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 10, replayed: 5 })
+    t.same(stateView(back.state), stateView(state))
+    t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10)], 'temporary files removed')
+  })
+})
+
+t.test('an older snapshot left by a crash before its removal is removed at recovery', async t => {
+  const dir = tempDir(t, 'store')
+  const { store } = openStore({ dir, snapshotEveryRecords: 10 })
+  const { state } = store.recover()
+  drive(store, state, 1, 12)
+  store.close()
+  writeSnapshot(realFiles, dir, 5, replayed(5).snapshotChunks())
+  const back = reopen(t, dir)
+  t.equal(back.snapshotIndex, 10)
+  t.same(stateView(back.state), stateView(state))
+  t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10)])
+})
+
+t.test('a damaged snapshot: recover throws CorruptSnapshotError naming the file, and changes nothing', async t => {
+  const dir = tempDir(t, 'store')
+  const { store } = openStore({ dir, snapshotEveryRecords: 10 })
+  const { state } = store.recover()
+  drive(store, state, 1, 13)
+  store.close()
+  const file = path.join(dir, snapName(10))
+  const good = fs.readFileSync(file)
+  const spans = frameSpans(good)
+  t.ok(spans.length >= 5, 'head, state, accounts, rids, end')
+  for (const k of [0, 2, spans.length - 2, spans.length - 1]) {
+    t.test(`byte flipped in frame ${k}`, async t => {
+      fs.writeFileSync(file, good)
+      flipByte(file, Math.floor((spans[k].start + 8 + spans[k].end) / 2), 0x02)
+      const before = new Map(fs.readdirSync(dir).map(f => [f, fs.readFileSync(path.join(dir, f))]))
+      const { store } = openStore({ dir })
+      const e = thrown(() => store.recover())
+      t.type(e, CorruptSnapshotError)
+      t.match(e, { file, offset: spans[k].start, message: new RegExp(`corrupt snapshot ${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} at offset ${spans[k].start}`) })
+      const after = fs.readdirSync(dir)
+      t.same(after.sort(), [...before.keys()].sort(), 'no file created or removed')
+      t.ok(after.every(f => fs.readFileSync(path.join(dir, f)).equals(before.get(f)!)), 'no file changed')
+    })
+  }
+})
+
+// Fail every write to a snapshot's temporary file; everything else works.
+function failSnapshotWrites (ff: ReturnType<typeof faultyFiles>, code = 'ENOSPC'): { attempts: () => number } {
+  let attempts = 0
+  ff.hooks.writeSync = (fd, buf, off, len, pos) => {
+    if (ff.pathOf(fd)?.endsWith('.snap.tmp')) {
+      attempts++
+      throw errnoError(code)
+    }
+    return ff.real.writeSync(fd, buf, off, len, pos)
+  }
+  return { attempts: () => attempts }
+}
+
+t.test('a failed snapshot write: log intact and recoverable, state unchanged, retried a full interval later', async t => {
+  const dir = tempDir(t, 'store')
+  const ff = faultyFiles()
+  const fault = failSnapshotWrites(ff)
+  const { store, warnings, infos } = openStore({ dir, files: ff.files, snapshotEveryRecords: 10 })
+  const { state } = store.recover()
+  drive(store, state, 1, 9)
+  const viewBefore = stateView(replayed(10))
+  const logBefore = fs.readFileSync(path.join(dir, segmentName(1)))
+  drive(store, state, 10, 10)
+  t.equal(fault.attempts(), 1, 'the snapshot was attempted at 10')
+  t.match(warnings, [{ msg: /snapshot failed/, fields: { error: /ENOSPC/ } }])
+  t.same(infos, [])
+  t.same(fs.readdirSync(dir), [segmentName(1)], 'no snapshot, no temporary file, the segment kept')
+  t.ok(fs.readFileSync(path.join(dir, segmentName(1))).subarray(0, logBefore.length).equals(logBefore), 'log bytes untouched')
+  t.same(stateView(state), viewBefore, 'the state is unchanged by the failed snapshot')
+  t.equal(store.log.failed, null, 'appends still work')
+
+  drive(store, state, 11, 19)
+  t.equal(fault.attempts(), 1, 'no retry before 20')
+  const mid = reopen(t, dir)
+  t.same({ snapshotIndex: mid.snapshotIndex, replayed: mid.replayed }, { snapshotIndex: 0, replayed: 19 })
+  t.same(stateView(mid.state), stateView(state), 'recovered from the log alone')
+  mid.store.close()
+
+  drive(store, state, 20, 20)
+  t.equal(fault.attempts(), 2, 'retried at 20')
+  t.same(fs.readdirSync(dir), [segmentName(1)])
+  delete ff.hooks.writeSync
+  drive(store, state, 21, 29)
+  t.same(fs.readdirSync(dir), [segmentName(1)], 'after the failure at 20, the next try is at 30')
+  drive(store, state, 30, 31)
+  store.close()
+  t.same(fs.readdirSync(dir).sort(), [segmentName(31), snapName(30)], 'the disk has room again')
+  const back = reopen(t, dir)
+  t.same(stateView(back.state), stateView(replayed(31)))
+})
+
+t.test('a failed snapshot fsync: same outcome', async t => {
+  const dir = tempDir(t, 'store')
+  const ff = faultyFiles()
+  ff.hooks.fsyncSync = fd => {
+    if (ff.pathOf(fd)?.endsWith('.snap.tmp')) throw errnoError('EIO')
+    ff.real.fsyncSync(fd)
+  }
+  const { store, warnings } = openStore({ dir, files: ff.files, snapshotEveryRecords: 5 })
+  const { state } = store.recover()
+  drive(store, state, 1, 7)
+  t.match(warnings, [{ msg: /snapshot failed/, fields: { error: /EIO/ } }])
+  t.same(fs.readdirSync(dir), [segmentName(1)])
+  store.close()
+  t.same(stateView(reopen(t, dir).state), stateView(replayed(7)))
+})
+
+t.test('a snapshot whose new log segment cannot be created leaves the log usable', async t => {
+  // The snapshot itself is written; creating the next segment fails (a full directory, too many
+  // open files). The log must go on taking appends into the segment it has.
+  const dir = tempDir(t, 'store')
+  const ff = faultyFiles()
+  const { store, warnings } = openStore({ dir, files: ff.files, snapshotEveryRecords: 5 })
+  const { state } = store.recover()
+  drive(store, state, 1, 4)
+  ff.hooks.openSync = ((p: fs.PathLike, flags: fs.OpenMode, mode?: fs.Mode) => {
+    if (String(p).endsWith('.wal')) throw errnoError('EMFILE')
+    return ff.real.openSync(p, flags, mode)
+  }) as typeof fs.openSync
+  drive(store, state, 5, 5)
+  delete ff.hooks.openSync
+  t.match(warnings, [{ msg: /snapshot failed/, fields: { error: /EMFILE/ } }])
+  const e = thrown(() => drive(store, state, 6, 6))
+  t.equal(e, undefined, `the next append works (got ${String(e)})`)
+  t.equal(store.log.failed, null, 'the log is not failed')
+  store.close()
+  const back = thrown(() => reopen(t, dir))
+  t.equal(back, undefined, 'recoverable')
+  if (back === undefined) t.same(stateView(reopen(t, dir).state), stateView(state))
+})
