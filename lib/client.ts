@@ -1,6 +1,14 @@
 // The client library: one promise per request, `message` events for pushes. Used by the CLI,
-// the tests and the benchmark. Mutating requests carry a rid chosen here, so a request repeated
-// after an unknown outcome (a dropped connection) is applied at most once by the server.
+// the tests and the benchmark.
+//
+// Given several servers (a chain), it finds the primary by asking each for its status and
+// following NOT_PRIMARY. When the connection drops or the server answers UNAVAILABLE or
+// NOT_PRIMARY, it finds the primary again, logs back in, and re-sends every request still
+// waiting for a reply. Writing requests carry a rid chosen here and keep it across re-sends,
+// so a write whose outcome was unknown is applied exactly once.
+//
+// Events: 'message' (Message), 'account_deleted', 'reconnecting' (reason), 'reconnected'
+// (address), 'close' (after close(), or when no server could be reached in time).
 
 import net from 'node:net'
 import { EventEmitter } from 'node:events'
@@ -17,8 +25,8 @@ export class RequestError extends Error {
   }
 }
 
-// The outcome of a request whose connection closed before its reply came: it may or may not
-// have been applied. Repeating it with the same rid is safe.
+// The connection closed before the reply and the client could not (or was told not to)
+// reconnect: the request may or may not have been applied. Repeating it with the same rid is safe.
 export class ConnectionLostError extends Error {
   readonly code = 'CONNECTION_LOST'
   constructor (message = 'connection lost before the reply') {
@@ -29,71 +37,222 @@ export class ConnectionLostError extends Error {
 
 export interface ClientOptions {
   host?: string
-  port: number
-  connectTimeoutMs?: number
-  requestTimeoutMs?: number
+  port?: number
+  servers?: string[] // host:port of every server to try, in order
+  connectTimeoutMs?: number // per attempt
+  requestTimeoutMs?: number // a request not answered in this time fails (default 30 s)
+  failoverTimeoutMs?: number // how long to keep looking for a primary (default 20 s)
+  reconnect?: boolean // default: true when several servers are given
+  // With failover: a server that has sent nothing for this long while a request waits is
+  // presumed dead or paused, and the client moves on (default 3 s).
+  livenessTimeoutMs?: number
 }
 
 export interface LoginResult { user: string, unread: number }
 export interface UsersResult { users: string[], total: number }
-export interface SendResult { message: Message, delivered: boolean }
+export interface SendResult { message: Message, delivered: boolean, replayed?: boolean }
 export interface ReadResult { messages: Message[], remaining: number }
 export interface DeleteResult { deleted: number, missing: number[] }
 
 const mutatingOps = new Set(['register', 'send', 'read', 'delete_messages', 'delete_account'])
+const retryCodes = new Set(['NOT_PRIMARY', 'UNAVAILABLE', 'SHUTTING_DOWN'])
 
 interface Pending {
+  id: number
+  line: string
+  op: string
   resolve: (v: Record<string, unknown>) => void
   reject: (e: Error) => void
   timer: NodeJS.Timeout
 }
 
+const sleep = (ms: number): Promise<void> => new Promise(resolve => setTimeout(resolve, ms))
+
+function splitAddr (addr: string): { host: string, port: number } {
+  const k = addr.lastIndexOf(':')
+  return { host: addr.slice(0, k).replace(/^\[|\]$/g, ''), port: Number(addr.slice(k + 1)) }
+}
+
+function open (addr: string, timeoutMs: number): Promise<net.Socket> {
+  const { host, port } = splitAddr(addr)
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, host)
+    const timer = setTimeout(() => {
+      socket.destroy()
+      reject(new Error(`connecting to ${addr} timed out`))
+    }, timeoutMs)
+    socket.once('error', (e) => {
+      clearTimeout(timer)
+      reject(e)
+    })
+    socket.once('connect', () => {
+      clearTimeout(timer)
+      socket.removeAllListeners('error')
+      socket.on('error', () => { /* reported through 'close' */ })
+      resolve(socket)
+    })
+  })
+}
+
+// One status request on a fresh socket, to learn a server's role.
+async function probe (addr: string, timeoutMs: number): Promise<{ socket: net.Socket, status: Record<string, unknown> }> {
+  const socket = await open(addr, timeoutMs)
+  try {
+    const status = await new Promise<Record<string, unknown>>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`${addr} did not answer`)), timeoutMs)
+      let buf = ''
+      const onData = (d: Buffer): void => {
+        buf += d.toString('utf8')
+        const nl = buf.indexOf('\n')
+        if (nl < 0) return
+        clearTimeout(timer)
+        socket.off('data', onData)
+        socket.pause()
+        if (nl + 1 < buf.length) socket.unshift(Buffer.from(buf.slice(nl + 1)))
+        try { resolve(JSON.parse(buf.slice(0, nl))) } catch (e) { reject(e) }
+      }
+      socket.on('data', onData)
+      socket.once('close', () => reject(new Error(`${addr} closed`)))
+      socket.write('{"op":"status","id":"probe"}\n')
+    })
+    return { socket, status }
+  } catch (e) {
+    socket.destroy()
+    throw e
+  }
+}
+
 export class ChatClient extends EventEmitter {
+  private socket: net.Socket | null = null
   private readonly pending = new Map<number, Pending>()
   private nextId = 1
   private ridSeq = 0
   private readonly ridPrefix = randomBytes(9).toString('base64url')
-  private closedFlag = false
-  readonly address: string
+  private closedByUser = false
+  private reconnecting: Promise<void> | null = null
+  private credentials: { user: string, password: string } | null = null
+  private readonly servers: string[]
+  private preferred: string | null = null // the primary a NOT_PRIMARY named
+  private lastHeard = 0
+  private livenessTimer: NodeJS.Timeout | null = null
+  address = ''
 
-  private constructor (private readonly socket: net.Socket, private readonly requestTimeoutMs: number) {
+  private constructor (private readonly opts: ClientOptions) {
     super()
-    this.address = `${socket.remoteAddress}:${socket.remotePort}`
+    this.servers = opts.servers ?? [`${opts.host ?? '127.0.0.1'}:${opts.port}`]
+  }
+
+  static async connect (opts: ClientOptions): Promise<ChatClient> {
+    const c = new ChatClient(opts)
+    await c.findPrimary()
+    return c
+  }
+
+  get closed (): boolean { return this.closedByUser || this.socket === null }
+  private get failover (): boolean { return this.opts.reconnect ?? this.servers.length > 1 }
+
+  // Try every server until one that serves clients answers; follow NOT_PRIMARY hints.
+  private async findPrimary (): Promise<void> {
+    const deadline = Date.now() + (this.opts.failoverTimeoutMs ?? (this.failover ? 20_000 : 0))
+    const attemptMs = this.opts.connectTimeoutMs ?? 2000
+    let lastError: unknown = null
+    for (let round = 0; ; round++) {
+      const order = this.preferred ? [this.preferred, ...this.servers.filter(s => s !== this.preferred)] : this.servers
+      for (const addr of order) {
+        if (this.closedByUser) throw new ConnectionLostError('client closed')
+        try {
+          const { socket, status } = await probe(addr, attemptMs)
+          if (status.ok === true && (status.role === 'primary' || status.role === 'single' || status.role === undefined)) {
+            this.attach(socket, addr)
+            return
+          }
+          socket.destroy()
+          if (typeof status.primary === 'string' && status.primary !== addr && this.servers.length > 0) this.preferred = status.primary
+          lastError = new Error(`${addr} is ${String(status.role)}`)
+        } catch (e) {
+          lastError = e
+        }
+      }
+      if (Date.now() >= deadline) throw lastError instanceof Error ? lastError : new Error('no server reachable')
+      await sleep(Math.min(50 * 2 ** round, 500))
+    }
+  }
+
+  private attach (socket: net.Socket, addr: string): void {
+    this.socket = socket
+    this.address = addr
+    this.lastHeard = Date.now()
     socket.setNoDelay(true)
+    socket.on('data', () => { this.lastHeard = Date.now() })
     socket.pipe(split2()).on('data', (line: string) => this.onLine(line))
-    socket.on('error', () => { /* 'close' follows and settles everything */ })
+    if (this.failover && !this.livenessTimer) {
+      const limit = this.opts.livenessTimeoutMs ?? 3000
+      this.livenessTimer = setInterval(() => {
+        if (this.socket && !this.reconnecting && this.pending.size > 0 && Date.now() - this.lastHeard > limit) {
+          this.reconnect(`no answer from ${this.address} for ${limit} ms`)
+        } else if (this.socket && this.pending.size > 0 && Date.now() - this.lastHeard > limit / 2) {
+          // Ask for something cheap, so a slow reply is told apart from a dead server.
+          this.socket.write('{"op":"ping","id":"liveness"}\n')
+        }
+      }, Math.max(50, limit / 4))
+      this.livenessTimer.unref()
+    }
+    socket.on('error', () => { /* 'close' follows */ })
     socket.on('close', () => {
-      this.closedFlag = true
+      if (this.socket !== socket) return
+      this.socket = null
+      this.lost('connection closed')
+    })
+  }
+
+  private lost (reason: string): void {
+    if (this.closedByUser) return
+    if (!this.failover) {
       for (const p of this.pending.values()) {
         clearTimeout(p.timer)
         p.reject(new ConnectionLostError())
       }
       this.pending.clear()
       this.emit('close')
-    })
+      return
+    }
+    this.reconnect(reason)
   }
 
-  static connect (opts: ClientOptions): Promise<ChatClient> {
-    const host = opts.host ?? '127.0.0.1'
-    return new Promise((resolve, reject) => {
-      const socket = net.connect(opts.port, host)
-      const timer = setTimeout(() => {
-        socket.destroy()
-        reject(new Error(`connecting to ${host}:${opts.port} timed out`))
-      }, opts.connectTimeoutMs ?? 5000)
-      socket.once('error', (e) => {
-        clearTimeout(timer)
-        reject(e)
-      })
-      socket.once('connect', () => {
-        clearTimeout(timer)
-        socket.removeAllListeners('error')
-        resolve(new ChatClient(socket, opts.requestTimeoutMs ?? 30_000))
-      })
-    })
+  // Find the primary again, log back in, and re-send everything still pending.
+  private reconnect (reason: string): void {
+    if (this.reconnecting) return
+    this.emit('reconnecting', reason)
+    this.socket?.destroy()
+    this.socket = null
+    this.reconnecting = (async () => {
+      try {
+        await this.findPrimary()
+      } catch (e) {
+        this.reconnecting = null
+        for (const p of this.pending.values()) {
+          clearTimeout(p.timer)
+          p.reject(new ConnectionLostError(`no primary reachable: ${(e as Error).message}`))
+        }
+        this.pending.clear()
+        this.closedByUser = true
+        if (this.livenessTimer) clearInterval(this.livenessTimer)
+        this.emit('close')
+        return
+      }
+      const resend = [...this.pending.values()].sort((a, b) => a.id - b.id)
+      this.reconnecting = null
+      if (this.credentials) {
+        try {
+          await this.request('login', { ...this.credentials })
+        } catch (e) {
+          this.emit('relogin_failed', e)
+        }
+      }
+      for (const p of resend) if (this.pending.has(p.id)) this.socket?.write(p.line)
+      this.emit('reconnected', this.address)
+    })()
   }
-
-  get closed (): boolean { return this.closedFlag }
 
   private onLine (line: string): void {
     if (line.trim() === '') return
@@ -110,34 +269,53 @@ export class ChatClient extends EventEmitter {
     }
     const p = typeof msg.id === 'number' ? this.pending.get(msg.id) : undefined
     if (!p) return
-    this.pending.delete(msg.id as number)
+    const err = (msg.error ?? {}) as { code?: string, message?: string, primary?: string }
+    if (msg.ok !== true && this.failover && err.code !== undefined && retryCodes.has(err.code)) {
+      // Nothing was applied: ask the primary instead, once it is found.
+      if (err.code === 'NOT_PRIMARY' && typeof err.primary === 'string') this.preferred = err.primary
+      setTimeout(() => this.reconnect(err.code!), err.code === 'NOT_PRIMARY' ? 0 : 100)
+      return
+    }
+    this.pending.delete(p.id)
     clearTimeout(p.timer)
     if (msg.ok === true) p.resolve(msg)
-    else {
-      const err = (msg.error ?? {}) as { code?: string, message?: string }
-      p.reject(new RequestError(err.code ?? 'UNKNOWN', err.message ?? 'request failed', msg))
-    }
+    else p.reject(new RequestError(err.code ?? 'UNKNOWN', err.message ?? 'request failed', msg))
   }
 
   // Send any request. Mutating ops get a fresh rid unless the caller supplies one.
   request (op: string, fields: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
-    if (this.closedFlag) return Promise.reject(new ConnectionLostError('not connected'))
+    if (this.closedByUser) return Promise.reject(new ConnectionLostError('client closed'))
+    if (!this.socket && !this.reconnecting && !this.failover) return Promise.reject(new ConnectionLostError('not connected'))
     const id = this.nextId++
     const body: Record<string, unknown> = { op, id, ...fields }
     if (mutatingOps.has(op) && body.rid === undefined) body.rid = `${this.ridPrefix}-${++this.ridSeq}`
+    const line = JSON.stringify(body) + '\n'
+    const timeoutMs = this.opts.requestTimeoutMs ?? 30_000
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id)
-        reject(new Error(`${op}: no reply within ${this.requestTimeoutMs} ms`))
-      }, this.requestTimeoutMs)
-      this.pending.set(id, { resolve, reject, timer })
-      this.socket.write(JSON.stringify(body) + '\n')
+        reject(new Error(`${op}: no reply within ${timeoutMs} ms`))
+      }, timeoutMs)
+      this.pending.set(id, { id, line, op, resolve, reject, timer })
+      if (this.socket && !this.reconnecting) this.socket.write(line)
     })
   }
 
-  async register (user: string, password: string): Promise<void> { await this.request('register', { user, password }) }
-  async login (user: string, password: string): Promise<LoginResult> { return await this.request('login', { user, password }) as unknown as LoginResult }
-  async logout (): Promise<void> { await this.request('logout') }
+  async register (user: string, password: string, rid?: string): Promise<void> {
+    await this.request('register', rid === undefined ? { user, password } : { user, password, rid })
+  }
+
+  async login (user: string, password: string): Promise<LoginResult> {
+    const r = await this.request('login', { user, password }) as unknown as LoginResult
+    this.credentials = { user, password }
+    return r
+  }
+
+  async logout (): Promise<void> {
+    this.credentials = null
+    await this.request('logout')
+  }
+
   async users (pattern = '*', page: { offset?: number, limit?: number } = {}): Promise<UsersResult> {
     return await this.request('users', { pattern, ...page }) as unknown as UsersResult
   }
@@ -152,9 +330,25 @@ export class ChatClient extends EventEmitter {
   }
 
   async deleteMessages (ids: number[]): Promise<DeleteResult> { return await this.request('delete_messages', { ids }) as unknown as DeleteResult }
-  async deleteAccount (password: string): Promise<void> { await this.request('delete_account', { password }) }
+  async deleteAccount (password: string): Promise<void> {
+    await this.request('delete_account', { password })
+    this.credentials = null
+  }
+
   async ping (): Promise<void> { await this.request('ping') }
   async status (): Promise<Record<string, unknown>> { return await this.request('status') }
 
-  close (): void { this.socket.destroy() }
+  close (): void {
+    this.closedByUser = true
+    if (this.livenessTimer) clearInterval(this.livenessTimer)
+    const s = this.socket
+    this.socket = null
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer)
+      p.reject(new ConnectionLostError('client closed'))
+    }
+    this.pending.clear()
+    s?.destroy()
+    this.emit('close')
+  }
 }

@@ -1,0 +1,113 @@
+// A chain of real server processes on fixed ports, with kill, stop, restart and status checks.
+
+import net from 'node:net'
+import path from 'node:path'
+import { startServer, tmpDir, waitFor, RawConn, type ServerProc, type Teardown, type WireLine } from './spawn.ts'
+
+export async function freePorts (n: number, host = '127.0.0.1'): Promise<number[]> {
+  const servers: net.Server[] = []
+  const ports: number[] = []
+  while (ports.length < n) {
+    const s = net.createServer()
+    await new Promise<void>(resolve => s.listen(0, host, resolve))
+    servers.push(s)
+    ports.push((s.address() as net.AddressInfo).port)
+  }
+  for (const s of servers) await new Promise(resolve => s.close(resolve))
+  return ports.sort((a, b) => a - b)
+}
+
+export interface Member {
+  addr: string
+  host: string
+  port: number
+  data: string
+  proc: ServerProc | null
+}
+
+export interface ChainOptions {
+  hosts?: string[] // one per member; default all 127.0.0.1
+  n?: number
+  args?: string[]
+  env?: Record<string, string>
+}
+
+export class Chain {
+  readonly members: Member[]
+  constructor (private readonly t: Teardown, members: Member[], private readonly args: string[], private readonly env: Record<string, string>) {
+    this.members = members
+  }
+
+  static async create (t: Teardown, opts: ChainOptions = {}): Promise<Chain> {
+    const n = opts.n ?? 3
+    const hosts = opts.hosts ?? new Array(n).fill('127.0.0.1')
+    const members: Member[] = []
+    const base = tmpDir(t, 'chain')
+    for (let k = 0; k < n; k++) {
+      const [port] = await freePorts(1, hosts[k])
+      members.push({ addr: `${hosts[k]}:${port}`, host: hosts[k], port, data: path.join(base, `m${k}`), proc: null })
+    }
+    // The initial order is by port: make member 0 the lowest so tests can name positions.
+    members.sort((a, b) => a.port - b.port)
+    const chain = new Chain(t, members, ['--heartbeat-ms', '50', '--failure-timeout-ms', '500', ...(opts.args ?? [])], opts.env ?? {})
+    return chain
+  }
+
+  get peers (): string { return this.members.map(m => m.addr).join(',') }
+  get servers (): string[] { return this.members.map(m => m.addr) }
+
+  async start (k: number, extra: string[] = []): Promise<Member> {
+    const m = this.members[k]
+    m.proc = await startServer(this.t, { port: m.port, host: m.host, data: m.data, args: ['--peers', this.peers, ...this.args, ...extra], env: this.env })
+    return m
+  }
+
+  async startAll (): Promise<void> {
+    await Promise.all(this.members.map((_, k) => this.start(k)))
+  }
+
+  async kill (k: number, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+    const p = this.members[k].proc
+    if (!p) return
+    p.kill(signal)
+    await p.exited
+    this.members[k].proc = null
+  }
+
+  member (addr: string): number {
+    return this.members.findIndex(m => m.addr === addr)
+  }
+
+  async status (k: number): Promise<WireLine | null> {
+    const m = this.members[k]
+    if (!m.proc) return null
+    let c: RawConn | null = null
+    try {
+      c = await RawConn.open(m.port, m.host)
+      return await c.req({ op: 'status' }, 2000)
+    } catch {
+      return null
+    } finally {
+      c?.close()
+    }
+  }
+
+  async statuses (): Promise<Array<WireLine | null>> {
+    return await Promise.all(this.members.map((_, k) => this.status(k)))
+  }
+
+  // Wait until the running members form one chain of `size` with a primary, all at the same
+  // epoch, all with the same digest and index. Returns the primary's position.
+  async waitConverged (size: number, timeoutMs = 20_000): Promise<{ primary: number, digest: string, epoch: number }> {
+    return await waitFor(async () => {
+      const all = (await this.statuses()).filter((s): s is WireLine => s !== null)
+      if (all.length !== size) return null
+      const primaries = all.filter(s => s.role === 'primary')
+      if (primaries.length !== 1) return null
+      const p = primaries[0]
+      if ((p.chain as string[]).length !== size || p.learner !== null) return null
+      const ok = all.every(s => s.epoch === p.epoch && s.digest === p.digest && s.index === p.index && (s.role === 'primary' || s.role === 'backup'))
+      return ok ? { primary: this.member(p.node as string), digest: p.digest as string, epoch: p.epoch as number } : null
+    }, timeoutMs, `a converged chain of ${size}`, 100)
+  }
+}
