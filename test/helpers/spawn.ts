@@ -117,7 +117,7 @@ export interface WireLine {
 export class RawConn {
   private buf = ''
   private next = 1
-  private readonly waiting = new Map<unknown, (v: WireLine) => void>()
+  private readonly waiting = new Map<unknown, { resolve: (v: WireLine) => void, reject: (e: Error) => void }>()
   readonly events: WireLine[] = []
   readonly lines: WireLine[] = []
   closed = false
@@ -145,13 +145,15 @@ export class RawConn {
         this.lines.push(j)
         if (j.event !== undefined && j.ok === undefined) { this.events.push(j); continue }
         const w = this.waiting.get(j.id)
-        if (w) { this.waiting.delete(j.id); w(j) }
+        if (w) { this.waiting.delete(j.id); w.resolve(j) }
       }
     })
     sock.on('error', () => {})
     sock.on('close', () => {
       this.closed = true
       for (const w of this.closeWaiters.splice(0)) w()
+      for (const w of this.waiting.values()) w.reject(new Error('connection closed'))
+      this.waiting.clear()
     })
   }
 
@@ -164,8 +166,12 @@ export class RawConn {
   // Send raw text and wait for the reply carrying `id` (undefined for replies without an id).
   send (text: string, id: unknown, timeoutMs = 10_000): Promise<WireLine> {
     return new Promise((resolve, reject) => {
+      if (this.closed) {
+        reject(new Error('connection closed'))
+        return
+      }
       const timer = setTimeout(() => { this.waiting.delete(id); reject(new Error(`no reply to ${text.slice(0, 80)} in ${timeoutMs} ms`)) }, timeoutMs)
-      this.waiting.set(id, v => { clearTimeout(timer); resolve(v) })
+      this.waiting.set(id, { resolve: v => { clearTimeout(timer); resolve(v) }, reject: e => { clearTimeout(timer); reject(e) } })
       this.sock.write(text)
     })
   }

@@ -47,10 +47,11 @@ export async function startSends (servers: string[], users: string[], nClients: 
   return {
     outcomes,
     acked: () => outcomes.filter(o => o.status === 'ok').length,
+    // Requests still waiting (for a primary that may never come back) end as unknown outcomes.
     stop: async () => {
       stopping = true
-      await Promise.all(loops)
       for (const c of clients) c.close()
+      await Promise.all(loops)
     }
   }
 }
