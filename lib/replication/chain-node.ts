@@ -27,7 +27,7 @@ import type { LogFn } from '../logger.ts'
 import { MetaStore, sameConfig, type ChainConfig, type Meta } from './meta.ts'
 import { PeerSocket, connectPeer, acceptPeer, type PeerMessage } from './peer.ts'
 
-export type Role = 'primary' | 'backup' | 'joining' | 'waiting'
+export type Role = 'primary' | 'backup' | 'joining' | 'waiting' | 'retired'
 
 export interface ChainOptions {
   me: string
@@ -254,6 +254,7 @@ export class ChainNode {
     // A fresh member starts from the initial chain at epoch 0, which every fresh member agrees on.
     this.meta = meta ?? { epoch: 0, chain: opts.join ? [] : [...opts.peers], learner: null, commit: state.index }
     this.commitIndex = Math.max(this.meta.commit, state.index)
+    if (opts.join && (!meta || meta.retired)) this.role = 'joining'
     const last = unapplied.length > 0 ? unapplied[unapplied.length - 1] : null
     this.lastEpoch = last ? last.e : state.lastEpoch
     for (const r of unapplied) this.recent.push(r)
@@ -271,6 +272,7 @@ export class ChainNode {
       return null
     }
     if (this.role === 'backup') return errors.notPrimary(this.meta.chain[0] ?? null)
+    if (this.role === 'retired') return errors.unavailable('this server was removed from the chain')
     return errors.unavailable(this.role === 'waiting' ? 'this server is waiting for the members that hold the latest state' : 'this server is catching up to join the chain')
   }
 
@@ -286,7 +288,7 @@ export class ChainNode {
       epoch: this.meta.epoch,
       chain: this.meta.chain,
       learner: this.meta.learner,
-      primary: this.role === 'waiting' || this.role === 'joining' ? null : this.meta.chain[0] ?? null,
+      primary: this.role === 'primary' || this.role === 'backup' ? this.meta.chain[0] ?? null : null,
       index: this.state.index,
       lastIndex: this.lastIndex(),
       commit: this.commitIndex
@@ -297,6 +299,11 @@ export class ChainNode {
 
   start (): void {
     this.opts.log('info', 'chain member starting', { epoch: this.meta.epoch, chain: this.meta.chain, index: this.state.index, lastIndex: this.lastIndex() })
+    if (this.meta.retired && !this.opts.join) {
+      this.setRole('retired', 'removed from the chain by an operator; start with --join to come back')
+      return
+    }
+    if (this.meta.retired) this.meta.retired = false
     this.discover()
   }
 
@@ -322,8 +329,8 @@ export class ChainNode {
     this.role = role
   }
 
-  private saveMeta (cfg: ChainConfig): void {
-    this.meta = { epoch: cfg.epoch, chain: [...cfg.chain], learner: cfg.learner, commit: this.commitIndex }
+  private saveMeta (cfg: ChainConfig, retired = false): void {
+    this.meta = { epoch: cfg.epoch, chain: [...cfg.chain], learner: cfg.learner, commit: this.commitIndex, ...(retired ? { retired } : {}) }
     this.metaStore.save(this.meta)
     this.commitSavedAt = Date.now()
   }
@@ -331,7 +338,7 @@ export class ChainNode {
   // Find out whether a chain is running (then join it) or the cluster is starting cold (then
   // lead if this member is sure to hold the latest state, else wait).
   private discover (): void {
-    if (this.discovering || this.stopped) return
+    if (this.discovering || this.stopped || this.role === 'retired') return
     this.discovering = true
     this.discoverLoop().catch(e => this.opts.log('error', 'discovery failed', { error: String(e) })).finally(() => { this.discovering = false })
   }
@@ -345,7 +352,7 @@ export class ChainNode {
   private async discoverLoop (): Promise<void> {
     let waitingLogged = false
     while (!this.stopped && (this.role === 'waiting' || this.role === 'joining') && this.pred === null) {
-      const infos = (await Promise.all(this.others().map(a => this.probe(a)))).filter((x): x is PeerInfo => x !== null)
+      const infos = await this.probeAround()
       if (this.stopped || this.pred !== null || (this.role !== 'waiting' && this.role !== 'joining')) return
       const heads = infos.filter(i => i.role === 'primary').sort((a, b) => b.epoch - a.epoch)
       if (heads.length > 0) {
@@ -373,6 +380,17 @@ export class ChainNode {
       }
       await sleep(Math.max(200, this.opts.failureTimeoutMs / 2))
     }
+  }
+
+  // Probe every member we know of, then the members those name (a server joining through one
+  // member learns the rest of the chain this way).
+  private async probeAround (): Promise<PeerInfo[]> {
+    const asked = new Set(this.others())
+    const infos = (await Promise.all([...asked].map(a => this.probe(a)))).filter((x): x is PeerInfo => x !== null)
+    const more = new Set<string>()
+    for (const i of infos) for (const m of [...i.chain, ...(i.learner ? [i.learner] : [])]) if (m !== this.opts.me && !asked.has(m)) more.add(m)
+    const extra = (await Promise.all([...more].map(a => this.probe(a)))).filter((x): x is PeerInfo => x !== null)
+    return [...infos, ...extra]
   }
 
   // With no primary running: the member to lead, or null to keep waiting. Only a member of the
@@ -652,6 +670,12 @@ export class ChainNode {
         case 'sync':
           this.onSync(peer, m)
           return
+        case 'remove':
+          this.onRemoveRequest(peer, String(m.member))
+          return
+        case 'retire':
+          this.retire(peer, m)
+          return
         default:
           peer.close()
       }
@@ -676,6 +700,44 @@ export class ChainNode {
     const cfg = { epoch: this.meta.epoch + 1, chain: this.meta.chain.filter(m => m !== member), learner: member }
     this.reconfigure(cfg, `${member} asked to join`)
     peer.send({ t: 'joined', epoch: cfg.epoch, chain: cfg.chain })
+  }
+
+  // An operator removes a member on purpose (bin/admin.js). The member is told to retire, so it
+  // does not try to rejoin; it stays out until started again with --join.
+  private onRemoveRequest (peer: PeerSocket, member: string): void {
+    if (this.role !== 'primary') {
+      peer.send({ t: 'not_removed', why: 'not the primary', primary: this.role === 'backup' ? this.meta.chain[0] : null })
+      return
+    }
+    if (member === this.opts.me) {
+      peer.send({ t: 'not_removed', why: 'the primary cannot remove itself: stop it, and the next member takes over' })
+      return
+    }
+    if (!this.meta.chain.includes(member) && this.meta.learner !== member) {
+      peer.send({ t: 'not_removed', why: `${member} is not in the chain` })
+      return
+    }
+    const cfg = { epoch: this.meta.epoch + 1, chain: this.meta.chain.filter(m => m !== member), learner: this.meta.learner === member ? null : this.meta.learner }
+    this.reconfigure(cfg, `${member} removed by an operator`)
+    peer.send({ t: 'removed', epoch: cfg.epoch, chain: cfg.chain })
+    connectPeer(this.opts.me, member, this.opts.secret, this.opts.failureTimeoutMs).then(p => {
+      p.send({ t: 'retire', epoch: cfg.epoch, chain: cfg.chain })
+      setTimeout(() => p.close(), 1000).unref()
+    }, () => { /* already gone: it will find itself outside the chain if it comes back */ })
+  }
+
+  private retire (peer: PeerSocket, m: PeerMessage): void {
+    const epoch = Number(m.epoch)
+    const chain = m.chain as string[]
+    peer.close()
+    if (!(epoch > this.meta.epoch) || chain.includes(this.opts.me) || chain[0] !== peer.remote) return
+    this.opts.log('warn', 'removed from the chain by an operator', { by: peer.remote, epoch })
+    this.stepDown('removed by an operator')
+    this.dropPredecessor()
+    this.succ?.close()
+    this.succ = null
+    this.saveMeta({ epoch, chain, learner: null }, true)
+    this.setRole('retired', 'removed from the chain by an operator; start with --join to come back')
   }
 
   // A predecessor opens the replication stream with its configuration.
@@ -830,6 +892,7 @@ export class ChainNode {
 
   private async checkAhead (): Promise<void> {
     for (let attempt = 0; !this.stopped && this.pred === null && (this.role === 'backup' || this.role === 'joining'); attempt++) {
+      if (this.meta.retired) return
       const k = this.meta.chain.indexOf(this.opts.me)
       if (k < 0) {
         // A learner whose tail vanished: start over.

@@ -22,6 +22,7 @@ export interface ChainConfig {
 
 export interface Meta extends ChainConfig {
   commit: number
+  retired?: boolean // removed from the chain by an operator: stays out until started with --join
 }
 
 export function sameConfig (a: ChainConfig, b: ChainConfig): boolean {
@@ -46,7 +47,7 @@ export class MetaStore {
     }
     const m = JSON.parse(text) as Meta
     if (!Number.isSafeInteger(m.epoch) || !Array.isArray(m.chain) || !Number.isSafeInteger(m.commit)) throw new Error(`${this.file} is not valid chain metadata`)
-    return { epoch: m.epoch, chain: m.chain, learner: m.learner ?? null, commit: m.commit }
+    return { epoch: m.epoch, chain: m.chain, learner: m.learner ?? null, commit: m.commit, retired: m.retired === true }
   }
 
   // Durably replace the metadata. Returns once it would survive a power loss.
