@@ -1,6 +1,6 @@
-// `chainchat`: the interactive client. A readline REPL over one server connection: slash
-// commands come from a table, pushed messages are printed above the line being typed, and
-// passwords are read without echo. What the session shows goes to stdout; only usage errors
+// `chainchat`: the interactive client. A readline REPL over a connection to the primary of a
+// chain (or to a single server): slash commands come from a table, pushed messages and notices of
+// failover are printed above the line being typed, and passwords are read without echo. What the session shows goes to stdout; only usage errors
 // and a failed start go to stderr.
 
 import readline from 'node:readline'
@@ -9,15 +9,18 @@ import { parseArgs } from 'node:util'
 import { ChatClient, RequestError, type Message } from '../client.ts'
 import { userPattern, userPatternText } from '../protocol.ts'
 
-const defaultServer = '127.0.0.1:9001'
+const defaultServers = '127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003' // what `npm start` runs
+// While the first connection is sought: after this long without a primary, say that we are waiting.
+const connectNoticeMs = 1000
 const historyCountDefault = 20 // one screenful
 // Lines typed or piped ahead of the command that is running. Beyond this, reading pauses.
 const typeAheadLinesMax = 1000
 
 export const usage = `usage: chainchat [--server host:port[,host:port...]]
 
-  --server <list>  the server to connect to (default ${defaultServer}); of a
-                   comma-separated list, the first is used
+  --server <list>  the servers of the chain, comma-separated (default
+                   ${defaultServers}); the client finds the
+                   primary among them and follows it when another takes over
   -h, --help       show this help
 
 Once connected, /help lists the commands.
@@ -47,7 +50,7 @@ export function parseFlags (argv: string[]): { servers: ServerAddress[], help: b
     // parseArgs only throws for the user's mistakes: unknown flags, missing values, positionals.
     throw new UsageError((e as Error).message)
   }
-  return { servers: parseServerList(values.server ?? defaultServer), help: values.help ?? false }
+  return { servers: parseServerList(values.server ?? defaultServers), help: values.help ?? false }
 }
 
 // "host:port,host:port"; an IPv6 host goes in brackets: [::1]:9001.
@@ -66,12 +69,11 @@ const showAddress = (a: ServerAddress): string => a.host.includes(':') ? `[${a.h
 
 // ---- the connection -----------------------------------------------------------------------------
 
-// Open the session's connection. Only the first server of the list is used for now; trying the
-// others in turn, and reconnecting after a loss, belong in here when replication needs them.
-export async function connect (servers: ServerAddress[]): Promise<{ client: ChatClient, server: ServerAddress }> {
-  const server = servers[0]
-  const client = await ChatClient.connect({ host: server.host, port: server.port })
-  return { client, server }
+// Open the session's connection: the client library asks the servers for the primary. Given
+// several, it also finds the primary again when the connection is lost or the primary changes,
+// logs back in and re-sends what was waiting for a reply; the session only tells the user.
+export async function connect (servers: ServerAddress[]): Promise<ChatClient> {
+  return await ChatClient.connect({ servers: servers.map(showAddress) })
 }
 
 // ---- the terminal -------------------------------------------------------------------------------
@@ -249,12 +251,19 @@ export class Session {
   private ended = false
   private exitCode = 0
   private deletingOwnAccount = false
+  private lookingForPrimary = false
 
-  constructor (readonly client: ChatClient, readonly server: ServerAddress, readonly terminal: Terminal) {
+  constructor (readonly client: ChatClient, readonly terminal: Terminal) {
     client.on('message', (m: Message) => this.say(formatMessage(m)))
     client.on('account_deleted', () => this.onAccountDeleted())
+    client.on('reconnecting', (reason: string) => this.onReconnecting(reason))
+    client.on('reconnected', (address: string) => this.onReconnected(address))
+    client.on('relogin_failed', (e: unknown) => this.onReloginFailed(e))
     client.on('close', () => this.onConnectionClosed())
   }
+
+  // The server the client is connected to now (or was, while it looks for the primary).
+  get server (): string { return this.client.address }
 
   prompt (): string { return `${this.user ?? 'chainchat'}> ` }
 
@@ -275,7 +284,7 @@ export class Session {
   // Read and run commands until /quit, the end of input or the loss of the connection; resolve
   // with the exit code.
   async run (): Promise<number> {
-    this.say(`connected to ${showAddress(this.server)}; /help lists the commands`)
+    this.say(`connected to ${this.server}; /help lists the commands`)
     while (!this.ended) {
       const line = await this.terminal.readLine(this.prompt())
       if (line === null) break
@@ -320,14 +329,44 @@ export class Session {
     this.say(`the account ${name} was deleted by another session; you are logged out`)
   }
 
-  // The server closed the connection or it broke. For now that ends the session with exit code
-  // 1; reconnecting (through connect()) will come with replication.
+  // The connection was lost or the server stopped being the primary: the client looks for the
+  // primary. Commands typed meanwhile wait; the ones in flight are re-sent once it is found.
+  private onReconnecting (reason: string): void {
+    if (this.ended) return
+    const why = reason === 'NOT_PRIMARY'
+      ? `${this.server} is no longer the primary`
+      : reason === 'UNAVAILABLE' || reason === 'SHUTTING_DOWN'
+        ? `${this.server} cannot serve now (${reason})`
+        : reason === 'connection closed' ? `connection to ${this.server} lost` : reason
+    this.lookingForPrimary = true
+    this.say(`${why}; looking for the primary...`)
+  }
+
+  private onReconnected (address: string): void {
+    this.lookingForPrimary = false
+    if (this.ended) return
+    this.say(`reconnected to ${address}${this.user === null ? '' : `, logged in as ${this.user}`}`)
+  }
+
+  // After a failover the client logs in again with the password of the last login; if that
+  // fails (the account was deleted meanwhile, say), this connection is logged out.
+  private onReloginFailed (e: unknown): void {
+    if (this.ended || this.user === null) return
+    const before = this.prompt()
+    const name = this.user
+    this.user = null
+    this.terminal.replacePrompt(before, this.prompt())
+    this.say(`could not log in again as ${name} (${describeError(e).replace(/^error: /, '')}); you are logged out`)
+  }
+
+  // The connection closed and no server could take over (or, with one server, it closed): the
+  // session ends with exit code 1.
   private onConnectionClosed (): void {
     if (this.ended) return
     this.ended = true
     this.exitCode = 1
     // Ends a wait for input; a request in flight fails with CONNECTION_LOST and says so.
-    this.terminal.close(`connection to ${showAddress(this.server)} closed`)
+    this.terminal.close(this.lookingForPrimary ? 'no server answered as the primary in time; the session ends' : `connection to ${this.server} closed`)
   }
 
   async deleteOwnAccount (password: string): Promise<void> {
@@ -505,7 +544,7 @@ const commands: Record<string, Command> = {
     run: async (s, a) => {
       a.expect(0, 0)
       const status = await s.client.status()
-      s.say(`connected to ${showAddress(s.server)}, ${s.user === null ? 'not logged in' : `logged in as ${s.user}`}`)
+      s.say(`connected to ${s.server}, ${s.user === null ? 'not logged in' : `logged in as ${s.user}`}`)
       for (const [key, value] of Object.entries(status)) {
         if (key === 'ok' || key === 'id') continue
         s.say(`  ${key}: ${Array.isArray(value) ? value.join(', ') : String(value)}`)
@@ -580,14 +619,20 @@ export async function main (argv: string[]): Promise<void> {
     process.stdout.write(usage)
     return
   }
-  let connection
+  const list = flags.servers.map(showAddress).join(', ')
+  // With several servers the client keeps trying for a while (a chain may be electing a
+  // primary); say so rather than sit silent.
+  const notice = setTimeout(() => process.stdout.write(`${flags.servers.length === 1 ? `still connecting to ${list}` : `still looking for the primary among ${list}`} (Ctrl-C gives up)\n`), connectNoticeMs)
+  let client
   try {
-    connection = await connect(flags.servers)
+    client = await connect(flags.servers)
   } catch (e) {
-    process.stderr.write(`chainchat: cannot connect to ${showAddress(flags.servers[0])}: ${(e as Error).message}\n`)
+    process.stderr.write(`chainchat: cannot connect to ${flags.servers.length === 1 ? list : `any of ${list}`}: ${(e as Error).message}\n`)
     process.exitCode = 1
     return
+  } finally {
+    clearTimeout(notice)
   }
-  const session = new Session(connection.client, connection.server, new Terminal(process.stdin, process.stdout))
+  const session = new Session(client, new Terminal(process.stdin, process.stdout))
   process.exitCode = await session.run()
 }

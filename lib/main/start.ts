@@ -27,7 +27,9 @@ const statusPollMs = 200
 const restartDelayMs = 1000
 const restartDelayMaxMs = 30_000
 const quickExitMs = 5000 // a member that dies this soon after its start is restarted more slowly
-const stopTimeoutMs = 10_000 // SIGTERM to exit; then SIGKILL
+// SIGTERM to exit; then SIGKILL. A server's own shutdown may take twice its grace period (5 s)
+// to drain connections and let in-flight writes finish.
+const stopTimeoutMs = 15_000
 // The terminal sends Ctrl-C to the whole foreground process group, and `npm start` forwards the
 // signal it got to us as well: a second signal this soon after the first is the same keypress.
 const sameSignalMs = 500
@@ -123,6 +125,7 @@ export class LocalChain {
   private phase: 'starting' | 'running' | 'stopping' = 'starting'
   private stopSignalAt = 0
   private bannerShown = false
+  private portTaken = false // a member said EADDRINUSE
   private readonly shownOnce = new Set<string>()
   private readonly prefixWidth: number
   private finish: (code: number) => void = () => {}
@@ -161,7 +164,7 @@ export class LocalChain {
     if (this.phase === 'stopping') return
     this.phase = 'stopping'
     this.note(null, `could not start the chain: ${e.message}`, 'red', 'bold')
-    this.note(null, `(is another chain running on ports ${this.members[0].port}-${this.members[size - 1].port}? --base-port picks other ports)`)
+    if (this.portTaken) this.note(null, `(is another chain running on ports ${this.members[0].port}-${this.members[size - 1].port}? --base-port picks other ports)`)
     this.stopAll().then(() => this.finish(1), () => this.finish(1))
   }
 
@@ -179,6 +182,7 @@ export class LocalChain {
       return
     }
     if (Date.now() - this.stopSignalAt < sameSignalMs) return
+    this.out.line('')
     this.note(null, `${name} again: killing the servers at once`, 'red', 'bold')
     this.killAll()
     process.exit(1)
@@ -357,6 +361,7 @@ export class LocalChain {
 
   // One line of a member's stderr: a JSON log line made readable, anything else as it is.
   private showLog (m: Member, line: string): void {
+    if (line.includes('EADDRINUSE')) this.portTaken = true
     let entry: Record<string, unknown> | null = null
     try {
       const j = JSON.parse(line)

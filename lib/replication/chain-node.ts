@@ -243,6 +243,7 @@ export class ChainNode {
   private stopped = false
   private commitSavedAt = 0
   private reconfiguring = false
+  private ackedUp = 0 // the last index acknowledged to the current predecessor
   commitIndex = 0
 
   constructor (opts: ChainOptions, state: ChatState, unapplied: LogRecord[], meta: Meta | null) {
@@ -414,6 +415,14 @@ export class ChainNode {
   }
 
   private async probe (addr: string): Promise<PeerInfo | null> {
+    const r = await this.probeState(addr)
+    return typeof r === 'object' ? r : null
+  }
+
+  // What a member says about itself, or why it said nothing: 'refused' (nothing listens: the
+  // process is gone, strong evidence of death on one machine) or 'silent' (it did not answer in
+  // time: it may be paused or overloaded, which is only suspicion).
+  private async probeState (addr: string): Promise<PeerInfo | 'refused' | 'silent'> {
     let peer: PeerSocket | null = null
     try {
       peer = await connectPeer(this.opts.me, addr, this.opts.secret, this.opts.failureTimeoutMs)
@@ -424,9 +433,10 @@ export class ChainNode {
         p.once('close', () => { clearTimeout(timer); reject(new Error('closed')) })
         p.send({ t: 'probe' })
       })
-      return reply.t === 'info' ? reply.info as PeerInfo : null
-    } catch {
-      return null
+      return reply.t === 'info' ? reply.info as PeerInfo : 'silent'
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code
+      return code === 'ECONNREFUSED' || code === 'EHOSTUNREACH' || code === 'ENETUNREACH' ? 'refused' : 'silent'
     } finally {
       peer?.close()
     }
@@ -482,29 +492,46 @@ export class ChainNode {
   // A new batch was stamped: send it on, or, with no successor in the write path, commit it.
   private onForward (): void {
     this.succ?.pump()
-    if (!this.succ || this.succ.learner) this.onSuccessorAck(null)
+    if (!this.hasSuccessorInPath()) this.onSuccessorAck(null)
   }
 
-  // The successor acknowledged more (or, with link null, there is no successor to wait for).
+  // Whether the configuration puts a member after us in the write path (a learner is not in it).
+  // If it does, nothing is acknowledged until that member is linked and has persisted it: a
+  // broken link holds writes back, it never lets them through unreplicated.
+  private hasSuccessorInPath (): boolean {
+    const k = this.meta.chain.indexOf(this.opts.me)
+    return k >= 0 && k < this.meta.chain.length - 1
+  }
+
+  // The successor acknowledged more, or (link null) something else may let us acknowledge more.
   onSuccessorAck (link: SuccessorLink | null): void {
-    const inPath = this.succ && !this.succ.learner ? this.succ : null
     if (link && link !== this.succ) return
     if (this.succ?.learner && link === this.succ) this.maybePromoteLearner()
+    const upTo = this.ackUpstream()
+    if (upTo === null) return
     if (this.role === 'primary' && this.committer) {
-      const upTo = inPath ? inPath.acked : this.committer.lastAssigned
       this.committer.acked(upTo)
       this.commitIndex = this.state.index
       this.persistCommitLazily()
       return
     }
-    if (this.pred) this.pred.send({ t: 'ack', index: this.ackUpstream() })
+    this.sendAck(upTo)
   }
 
-  // What this member may acknowledge upstream: what it holds durably, and, if it has a
-  // successor in the write path, only what that successor has acknowledged too.
-  private ackUpstream (): number {
-    const mine = this.lastIndex()
-    return this.succ && !this.succ.learner ? Math.min(mine, this.succ.acked) : mine
+  private sendAck (index: number): void {
+    if (index > this.ackedUp) this.ackedUp = index
+    this.pred?.send({ t: 'ack', index: this.ackedUp })
+  }
+
+  // What may be acknowledged upstream (or, on the primary, committed): what this member holds
+  // and, if the configuration names a successor, only what that successor acknowledged too.
+  // Null when the named successor is not linked.
+  private ackUpstream (): number | null {
+    const mine = this.role === 'primary' && this.committer ? this.committer.lastAssigned : this.lastIndex()
+    if (!this.hasSuccessorInPath()) return mine
+    const link = this.succ
+    if (!link || link.learner) return null
+    return Math.min(mine, link.acked)
   }
 
   // The highest index this member can send to its successor right now.
@@ -580,28 +607,34 @@ export class ChainNode {
   }
 
   // Drop a member, but only after checking it really is gone: a member that answers is alive,
-  // and if it knows a newer configuration, this primary is stale and steps down instead.
+  // and if it knows a newer or a conflicting configuration, this primary is stale and steps down.
+  // A member that is merely silent (paused?) is dropped only if others remain in the chain to
+  // fence a stale primary; to go on alone, the others must be known dead (connection refused).
   private removeMember (member: string, why: string): void {
     if (this.reconfiguring) return
     this.reconfiguring = true
     const epoch = this.meta.epoch
-    this.probe(member).then(info => {
+    this.probeState(member).then(res => {
       this.reconfiguring = false
       if (this.role !== 'primary' || this.meta.epoch !== epoch || this.stopped) return
-      if (info && info.epoch > epoch) {
-        this.stepDown(`${member} knows a newer configuration (epoch ${info.epoch})`)
+      if (typeof res === 'object') {
+        if (res.epoch > epoch || (res.epoch === epoch && !sameConfig(res, this.meta))) {
+          this.stepDown(`${member} knows configuration epoch ${res.epoch} (${res.chain.join(', ')})`)
+          return
+        }
+        if (this.meta.chain.includes(member) || this.meta.learner === member) {
+          // Alive, and behind or at our configuration: the link broke, the member did not.
+          this.reconfigure({ epoch: epoch + 1, chain: this.meta.chain, learner: this.meta.learner }, `relinking ${member}`)
+        }
         return
       }
-      if (info && info.epoch === epoch && this.meta.chain.includes(member)) {
-        // Alive at our epoch: the link broke but the member did not. Link again.
-        this.reconfigure({ epoch: epoch + 1, chain: this.meta.chain, learner: this.meta.learner }, `relinking ${member}`)
+      const chain = this.meta.chain.filter(m => m !== member)
+      if (res === 'silent' && chain.length === 1 && this.meta.chain.includes(member)) {
+        this.opts.log('warn', 'a silent member cannot be confirmed dead; holding writes rather than going on alone', { member })
+        setTimeout(() => { if (!this.succ && this.role === 'primary') this.removeMember(member, why) }, this.opts.failureTimeoutMs).unref()
         return
       }
-      this.reconfigure({
-        epoch: epoch + 1,
-        chain: this.meta.chain.filter(m => m !== member),
-        learner: this.meta.learner === member ? null : this.meta.learner
-      }, `${member} ${why}`)
+      this.reconfigure({ epoch: epoch + 1, chain, learner: this.meta.learner === member ? null : this.meta.learner }, `${member} ${why} (${res})`)
     }, () => { this.reconfiguring = false })
   }
 
@@ -615,9 +648,12 @@ export class ChainNode {
     this.onSuccessorAck(null)
   }
 
+  // A successor refused our configuration. If it holds a newer one, or another one with the same
+  // epoch (someone else took over meanwhile), we are stale.
   onRejected (target: string, m: PeerMessage): void {
     const epoch = Number(m.epoch)
-    if (epoch > this.meta.epoch) this.stepDown(`${target} is at epoch ${epoch}`)
+    const theirs = { epoch, chain: Array.isArray(m.chain) ? m.chain as string[] : [], learner: (m.learner as string | null) ?? null }
+    if (epoch > this.meta.epoch || (epoch === this.meta.epoch && !sameConfig(theirs, this.meta))) this.stepDown(`${target} is at epoch ${epoch}`)
   }
 
   // Stop leading: nothing more can be acknowledged here. Pending requests have unknown
@@ -748,7 +784,7 @@ export class ChainNode {
     const newer = cfg.epoch > this.meta.epoch
     const same = cfg.epoch === this.meta.epoch && sameConfig(cfg, this.meta)
     if (!(newer || same) || expectedPred !== peer.remote || !Number.isSafeInteger(cfg.epoch)) {
-      peer.send({ t: 'reject', epoch: this.meta.epoch, chain: this.meta.chain })
+      peer.send({ t: 'reject', epoch: this.meta.epoch, chain: this.meta.chain, learner: this.meta.learner })
       setTimeout(() => peer.close(), 100).unref()
       return
     }
@@ -757,6 +793,7 @@ export class ChainNode {
     this.dropPredecessor()
     this.pred = peer
     this.predName = peer.remote
+    this.ackedUp = 0
     this.setRole(k >= 0 ? 'backup' : 'joining', `synced from ${peer.remote} at epoch ${cfg.epoch}`)
     // Discard what was never known to be committed; the predecessor resends from here.
     this.store.log.truncateAfter(this.state.index)
@@ -780,7 +817,7 @@ export class ChainNode {
   private onPredMessage (peer: PeerSocket, m: PeerMessage): void {
     if (peer !== this.pred) return
     if (Number(m.epoch) !== this.meta.epoch) {
-      peer.send({ t: 'reject', epoch: this.meta.epoch, chain: this.meta.chain })
+      peer.send({ t: 'reject', epoch: this.meta.epoch, chain: this.meta.chain, learner: this.meta.learner })
       peer.close()
       return
     }
@@ -791,7 +828,7 @@ export class ChainNode {
         return
       case 'hb':
         this.applyCommitted(Number(m.commit))
-        peer.send({ t: 'ack', index: this.ackUpstream() })
+        this.sendAck(this.ackUpstream() ?? this.ackedUp)
         return
       case 'snapshot':
         this.snapshotChunks.push(...(m.chunks as Array<Record<string, unknown>>))
@@ -901,7 +938,8 @@ export class ChainNode {
         return
       }
       const ahead = this.meta.chain.slice(0, k)
-      const infos = (await Promise.all(ahead.map(a => this.probe(a)))).filter((x): x is PeerInfo => x !== null)
+      const states = await Promise.all(ahead.map(a => this.probeState(a)))
+      const infos = states.filter((x): x is PeerInfo => typeof x === 'object')
       if (this.pred !== null || this.stopped) return
       const newer = infos.filter(i => i.epoch > this.meta.epoch)
       if (newer.length > 0) {
@@ -912,8 +950,13 @@ export class ChainNode {
         }
       } else if (infos.length === 0) {
         const chain = this.meta.chain.slice(k)
-        this.becomePrimary(this.meta.epoch + 1, chain, `every member ahead (${ahead.join(', ')}) is unreachable`)
-        return
+        // Alone, we would have nobody to fence a primary that is only paused: take over alone
+        // only from members known dead.
+        if (chain.length > 1 || states.every(x => x === 'refused')) {
+          this.becomePrimary(this.meta.epoch + 1, chain, `every member ahead (${ahead.join(', ')}) is unreachable (${states.join(', ')})`)
+          return
+        }
+        if (attempt === 0) this.opts.log('warn', 'members ahead are silent but not confirmed dead; waiting rather than leading alone', { ahead })
       }
       await sleep(this.opts.failureTimeoutMs)
     }

@@ -49,7 +49,14 @@ export async function startServer (t: Teardown, opts: SpawnOptions): Promise<Ser
   const argv = [path.join(root, 'bin/server.js'), '--port', String(opts.port ?? 0), '--host', host, '--data', opts.data, ...(opts.args ?? [])]
   const proc = spawn(process.execPath, argv, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } })
   live.add(proc)
-  t.teardown(() => { if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL') })
+  // A clean stop at the end lets the server write its coverage; a stuck one is killed.
+  t.teardown(async () => {
+    if (proc.exitCode !== null || proc.signalCode !== null) return
+    proc.kill('SIGTERM')
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 5000)
+    await new Promise(resolve => proc.once('exit', resolve))
+    clearTimeout(timer)
+  })
   let err = ''
   proc.stderr!.setEncoding('utf8').on('data', (d: string) => { err = (err + d).slice(-50_000) })
   const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null }>(resolve => {
