@@ -104,8 +104,8 @@ t.test('a new server joins a running chain with --join, under load, and becomes 
       const c = await RawConn.open(port)
       try { return await c.req({ op: 'status' }) } finally { c.close() }
     })()])
-    const ds = new Set(all.map(s => `${s?.digest}/${s?.index}`))
-    return ds.size === 1 ? all : null
+    const ds = new Set(all.map(s => `${s?.digest}/${s?.index}/${s?.epoch}/${s?.role === 'primary' ? 'p' : s?.role}`))
+    return ds.size === 2 ? all : null
   }, 20_000, 'four equal digests')
   t.equal(digests[3]?.role, 'backup')
   t.match(fourth.stderr(), /installed a snapshot from the chain/, 'it caught up from a snapshot: the log was compacted')

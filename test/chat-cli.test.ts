@@ -8,6 +8,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import { ChatClient, type Message } from '../lib/client.ts'
 import { root, startServer, tmpDir, waitFor, type Teardown } from './helpers/spawn.ts'
+import { Chain } from './helpers/chain.ts'
 
 const chatBin = path.join(root, 'bin/chat.js')
 const expectTimeoutMs = 10_000
@@ -92,7 +93,7 @@ t.test('a bad flag prints the usage and exits 2', async t => {
 
 t.test('a session: register, pushes both ways, read, users, history, delete, errors', async t => {
   const bob = await user(t, server.port, 'bob', 'pw-bob')
-  // Of a list of servers, the first is used (for now).
+  // Of a list of servers, the client takes the first that serves; the others are for failover.
   const cli = Cli.start(t, ['--server', `127.0.0.1:${server.port},127.0.0.1:1`])
   await cli.expect(`connected to 127.0.0.1:${server.port}`)
   await cli.expect('chainchat> ')
@@ -223,6 +224,43 @@ t.test('a lost connection is reported and exits 1', async t => {
   doomed.kill('SIGKILL')
   await cli.expect(`connection to 127.0.0.1:${doomed.port} closed`)
   t.equal(await cli.exited, 1)
+})
+
+t.test('with a chain: the session follows the primary when it is killed', async t => {
+  const chain = await Chain.create(t)
+  await chain.startAll()
+  const { primary } = await chain.waitConverged(3)
+  const setup = await ChatClient.connect({ servers: chain.servers })
+  t.teardown(() => setup.close())
+  await setup.register('gus', 'pw-gus')
+  await setup.register('hal', 'pw-hal')
+  setup.close()
+
+  // The backups come first in the list: the client asks them and is sent to the primary.
+  const cli = Cli.start(t, ['--server', [...chain.servers].reverse().join(',')])
+  await cli.expect(`connected to ${chain.servers[primary]}`)
+  cli.type('/login hal', 'pw-hal')
+  await cli.expect('logged in as hal\n')
+  await cli.expect('hal> ')
+
+  await chain.kill(primary)
+  await cli.expect(`connection to ${chain.servers[primary]} lost; looking for the primary...\n`)
+  const [, now] = await cli.expect(/reconnected to (\S+), logged in as hal\n/, 30_000)
+  t.not(now, chain.servers[primary], 'to another server')
+  t.ok(chain.servers.includes(now), 'one of the chain')
+
+  // The session goes on, logged in again: a send succeeds and reaches gus.
+  cli.type('/send gus after the failover')
+  const [, id] = await cli.expect(/sent to gus \(#(\d+)\)/)
+  const gus = await ChatClient.connect({ servers: chain.servers })
+  t.teardown(() => gus.close())
+  await gus.login('gus', 'pw-gus')
+  const { messages } = await gus.history()
+  t.match(messages.find(m => m.text === 'after the failover'), { from: 'hal', id: Number(id) }, 'the message arrived')
+
+  cli.type('/quit')
+  t.equal(await cli.exited, 0, 'and /quit still exits 0')
+  console.error('DEBUG', JSON.stringify(cli.out))
 })
 
 // At a real (pseudo-)terminal: typed keys are echoed by readline, except a password; a push

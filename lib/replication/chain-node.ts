@@ -139,8 +139,10 @@ class SuccessorLink {
         this.pump()
         return
       case 'ack':
-        if (Number(m.index) > this.acked) {
-          this.acked = Number(m.index)
+        // A learner's acks are also its heartbeat replies: each one may show it caught up, even
+        // when no writes are flowing.
+        if (Number(m.index) > this.acked || this.learner) {
+          this.acked = Math.max(this.acked, Number(m.index))
           this.node.onSuccessorAck(this)
         }
         return
