@@ -13,6 +13,7 @@ import type { Store } from './storage/store.ts'
 import type { ChatState, Applied } from './state.ts'
 import type { LogRecord, RecordBody } from './records.ts'
 import { errors, ChatError } from './errors.ts'
+import { crashPoint } from './fault-hooks.ts'
 
 export interface Batch {
   records: LogRecord[]
@@ -151,6 +152,7 @@ export class Committer {
         return
       }
     }
+    crashPoint('before-reply')
     for (const x of entries) {
       const applied = this.state.apply(x.record)
       this.onApplied(x.record, applied)

@@ -18,6 +18,8 @@ import type { LogFn } from './logger.ts'
 import type { FileOps } from './storage/files.ts'
 import { MetaStore } from './replication/meta.ts'
 import { ChainNode } from './replication/chain-node.ts'
+import { withFsyncFailure } from './fault-hooks.ts'
+import { realFiles } from './storage/files.ts'
 
 export interface RunningNode {
   address: { host: string, port: number }
@@ -69,7 +71,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   try {
     store = new Store({
       dir,
-      files: opts.files,
+      files: withFsyncFailure(opts.files ?? realFiles),
       warn: (msg, f) => log('warn', msg, f),
       info: (msg, f) => log('info', msg, f),
       snapshotEveryRecords: config.snapshotEveryRecords,
@@ -135,7 +137,8 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       store,
       log,
       onApplied: (r, a) => dispatcher.onApplied(r, a),
-      dropClients: () => chat!.dropClients()
+      dropClients: () => chat!.dropClients(),
+      onFatal: opts.onFatal
     }, recovered.state, recovered.unapplied, meta)
   } else {
     single = new Committer(store, recovered.state, 0, (r, a) => dispatcher.onApplied(r, a))

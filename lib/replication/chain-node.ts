@@ -26,6 +26,7 @@ import { ChatError, errors } from '../errors.ts'
 import type { LogFn } from '../logger.ts'
 import { MetaStore, sameConfig, type ChainConfig, type Meta } from './meta.ts'
 import { PeerSocket, connectPeer, acceptPeer, type PeerMessage } from './peer.ts'
+import { crashPoint } from '../fault-hooks.ts'
 
 export type Role = 'primary' | 'backup' | 'joining' | 'waiting' | 'retired'
 
@@ -45,6 +46,8 @@ export interface ChainOptions {
   onApplied: (record: LogRecord, applied: Applied) => void
   // Close every client connection (after losing the primary role: outcomes are unknown).
   dropClients: () => void
+  // After a failed fsync the member cannot trust its own disk: it stops for good.
+  onFatal: (e: Error) => void
 }
 
 interface PeerInfo {
@@ -677,6 +680,7 @@ export class ChainNode {
   private onStorageFailure (e: ChatError): void {
     this.opts.log('error', 'storage error', { error: e.message })
     if (this.role === 'primary') this.stepDown('local storage failed')
+    if (this.store.log.failed) this.opts.onFatal(new Error(`fsync failed, the disk cannot be trusted: ${e.message}`))
   }
 
   private persistCommitLazily (): void {
@@ -882,6 +886,10 @@ export class ChainNode {
       // After a failed write or fsync this member must not acknowledge anything: leave the
       // chain. The predecessor notices and carries on without us; we rejoin later.
       this.opts.log('error', 'storage error; leaving the chain', { error: String(e) })
+      if (this.store.log.failed) {
+        this.opts.onFatal(new Error(`fsync failed, the disk cannot be trusted: ${String(e)}`))
+        return
+      }
       this.dropPredecessor()
       this.succ?.close()
       this.succ = null
@@ -889,6 +897,7 @@ export class ChainNode {
       setTimeout(() => this.discover(), this.opts.failureTimeoutMs * 2).unref()
       return
     }
+    crashPoint('after-fsync-before-forward')
     for (const r of batch.records) {
       this.unapplied.push(r)
       this.recent.push(r)

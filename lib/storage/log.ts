@@ -16,6 +16,7 @@ import { decodeFrame, validFrameAfter } from './framing.ts'
 import { type FileOps, writeAll, fsyncDir } from './files.ts'
 import { errors, ChatError } from '../errors.ts'
 import type { LogRecord } from '../records.ts'
+import { crashPoint, noteDurable } from '../fault-hooks.ts'
 
 const segmentPattern = /^log-(\d{20})\.wal$/
 export const segmentName = (firstIndex: number): string => `log-${String(firstIndex).padStart(20, '0')}.wal`
@@ -124,6 +125,7 @@ export class SegmentLog {
       }
       throw errors.storage(e)
     }
+    crashPoint('after-append-before-fsync')
     try {
       this.files.fdatasyncSync(this.fd)
     } catch (e) {
@@ -135,6 +137,7 @@ export class SegmentLog {
     }
     this.size += frames.length
     this.lastIndex = lastIndexAfter
+    noteDurable(this.dir, this.segments[this.segments.length - 1].file, this.size)
   }
 
   // Records from `from` to the end of the durable log, in chunks of at most chunkRecords, reading

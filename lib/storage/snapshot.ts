@@ -10,6 +10,7 @@
 import path from 'node:path'
 import { encodeFrame, decodeFrame } from './framing.ts'
 import { type FileOps, writeAll, fsyncDir } from './files.ts'
+import { crashPoint } from '../fault-hooks.ts'
 
 const snapshotPattern = /^snapshot-(\d{20})\.snap$/
 const snapshotName = (index: number): string => `snapshot-${String(index).padStart(20, '0')}.snap`
@@ -41,11 +42,16 @@ export function writeSnapshot (files: FileOps, dir: string, index: number, chunk
       pending = []
       pendingBytes = 0
     }
+    let written = 0
     for (const chunk of [{ kind: 'head', index }, ...chunks, { kind: 'end', index }]) {
       const frame = encodeFrame(chunk)
       pending.push(frame)
       pendingBytes += frame.length
       if (pendingBytes >= flushBytes) flush()
+      if (++written === 2) {
+        flush()
+        crashPoint('mid-snapshot')
+      }
     }
     flush()
     files.fsyncSync(fd)

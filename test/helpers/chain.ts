@@ -56,9 +56,9 @@ export class Chain {
   get peers (): string { return this.members.map(m => m.addr).join(',') }
   get servers (): string[] { return this.members.map(m => m.addr) }
 
-  async start (k: number, extra: string[] = []): Promise<Member> {
+  async start (k: number, extra: string[] = [], env: Record<string, string> = {}): Promise<Member> {
     const m = this.members[k]
-    m.proc = await startServer(this.t, { port: m.port, host: m.host, data: m.data, args: ['--peers', this.peers, ...this.args, ...extra], env: this.env })
+    m.proc = await startServer(this.t, { port: m.port, host: m.host, data: m.data, args: ['--peers', this.peers, ...this.args, ...extra], env: { ...this.env, ...env } })
     return m
   }
 
