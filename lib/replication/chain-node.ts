@@ -249,6 +249,7 @@ export class ChainNode {
   private commitSavedAt = 0
   private reconfiguring = false
   private ackedUp = 0 // the last index acknowledged to the current predecessor
+  private progressLoggedAt = 0
   commitIndex = 0
 
   constructor (opts: ChainOptions, state: ChatState, unapplied: LogRecord[], meta: Meta | null) {
@@ -898,6 +899,10 @@ export class ChainNode {
       return
     }
     crashPoint('after-fsync-before-forward')
+    if (this.role === 'joining' && Date.now() - this.progressLoggedAt > 2000) {
+      this.progressLoggedAt = Date.now()
+      this.opts.log('info', 'catch-up progress', { index: last.i, commit: this.commitIndex, from: this.predName })
+    }
     for (const r of batch.records) {
       this.unapplied.push(r)
       this.recent.push(r)
