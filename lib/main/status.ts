@@ -25,7 +25,7 @@ exits 1.
   -h, --help         show this help
 
 Digest marks: = same as the primary's, ~ differs but at another index (lagging),
-! differs at the same index (the states diverged).
+! differs at the same index (the states diverged). CLIENTS counts this tool's own connection.
 `
 
 export class UsageError extends Error {
