@@ -9,12 +9,13 @@
 // Flags:
 //   --duration <s>     measured seconds per level (default 5), after --warmup <s> (default 1)
 //   --clients <list>   comma-separated client counts (default 1,16,64)
-//   --workers <n>      load-generating worker threads (default 1; 0 = the bench's main thread)
+//   --workers <n>      load-generating worker threads (default 0: the bench's main thread)
 //   --push             send to another logged-in bench client instead of to an offline user
 //   --records <n>      log records for the restart test (default 1,000,000)
 //   --runs <n>         restarts per case, the median is reported (default 3)
 //   --skip-restart     only the throughput part
 //   --skip-load        only the restart part
+//   --profile <dir>    run every server under `node --cpu-prof`, profiles written to <dir>
 //
 // Everything the bench starts is bounded: every wait has a deadline, the whole run has a
 // watchdog, and servers, worker threads and temp directories are cleaned up on success, on error,
@@ -75,7 +76,7 @@ function rmTemp (d: string): void {
 // ---- flags ----------------------------------------------------------------------------------
 
 function usageExit (msg: string): never {
-  process.stderr.write(`bench: ${msg}\nusage: npm run bench -- [--duration <s>] [--warmup <s>] [--clients 1,16,64] [--workers <n>] [--push] [--records <n>] [--runs <n>] [--skip-restart] [--skip-load]\n`)
+  process.stderr.write(`bench: ${msg}\nusage: npm run bench -- [--duration <s>] [--warmup <s>] [--clients 1,16,64] [--workers <n>] [--push] [--records <n>] [--runs <n>] [--skip-restart] [--skip-load] [--profile <dir>]\n`)
   process.exit(2)
 }
 
@@ -88,7 +89,7 @@ function num (name: string, v: string | undefined, fallback: number, min: number
 
 function parseFlags (): {
   duration: number, warmup: number, clients: number[], workers: number, push: boolean,
-  records: number, runs: number, skipRestart: boolean, skipLoad: boolean
+  records: number, runs: number, skipRestart: boolean, skipLoad: boolean, profile: string | null
 } {
   let values
   try {
@@ -106,6 +107,7 @@ function parseFlags (): {
         runs: { type: 'string' },
         'skip-restart': { type: 'boolean' },
         'skip-load': { type: 'boolean' },
+        profile: { type: 'string' },
         help: { type: 'boolean', short: 'h' }
       }
     }).values
@@ -117,7 +119,7 @@ function parseFlags (): {
   if (clients.length === 0 || clients.some(n => !Number.isInteger(n))) usageExit('--clients must list whole numbers, e.g. 1,16,64')
   const records = num('records', values.records, 1_000_000, 10, 20_000_000)
   const runs = num('runs', values.runs, 3, 1, 20)
-  const workers = num('workers', values.workers, 1, 0, 16)
+  const workers = num('workers', values.workers, 0, 0, 16)
   if (!Number.isInteger(records) || !Number.isInteger(runs) || !Number.isInteger(workers)) usageExit('--records, --runs and --workers take whole numbers')
   return {
     duration: num('duration', values.duration, 5, 0.1, 600),
@@ -128,7 +130,8 @@ function parseFlags (): {
     records,
     runs,
     skipRestart: values['skip-restart'] === true,
-    skipLoad: values['skip-load'] === true
+    skipLoad: values['skip-load'] === true,
+    profile: values.profile === undefined ? null : path.resolve(values.profile)
   }
 }
 
@@ -143,8 +146,11 @@ interface Server {
   stop: (timeoutMs?: number) => Promise<void>
 }
 
+// Extra node flags for every server process (--profile sets them).
+let serverNodeArgs: string[] = []
+
 async function startServer (dir: string, args: string[] = [], readyTimeoutMs = 30_000): Promise<Server> {
-  const argv = [serverJs, '--port', '0', '--host', '127.0.0.1', '--data', dir, ...args]
+  const argv = [...serverNodeArgs, serverJs, '--port', '0', '--host', '127.0.0.1', '--data', dir, ...args]
   const t0 = process.hrtime.bigint()
   const proc = spawn(process.execPath, argv, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] })
   liveProcs.add(proc)
@@ -221,6 +227,18 @@ function procCpuSeconds (pid: number | undefined): number | null {
   }
 }
 
+// Busy CPU seconds of the whole machine so far (all cores), from /proc/stat; null where
+// unavailable. Minus the server's and the bench's own CPU, it shows how much else was running.
+function machineBusySeconds (): number | null {
+  try {
+    const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number)
+    // user nice system idle iowait irq softirq steal
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] ?? 0)) / 100
+  } catch {
+    return null
+  }
+}
+
 // ---- statistics ---------------------------------------------------------------------------
 
 function percentile (sorted: Float64Array, p: number): number {
@@ -255,8 +273,11 @@ interface LevelResult {
   max: number // ms
   errors: number
   firstError: string | null
-  serverCpu: number | null // fraction of one core during the whole load (warm-up + window)
-  benchCpu: number // fraction of one core, all threads of the bench process
+  // CPU during warm-up + window, as fractions of one core: the server process, the bench process
+  // (all threads), and every other process on the machine
+  serverCpu: number | null
+  benchCpu: number
+  otherCpu: number | null
   setupMs: number
 }
 
@@ -275,14 +296,44 @@ async function registerUsers (port: number, names: string[]): Promise<void> {
   await Promise.all(Array.from({ length: Math.min(8, names.length) }, worker))
 }
 
+// CPU use while the load runs (warm-up and measured window, not the logins before them).
+interface CpuWindow { server: number | null, bench: number, other: number | null } // fractions of one core
+
+class CpuMeter {
+  private t0 = 0n
+  private server0: number | null = null
+  private bench0: NodeJS.CpuUsage = process.cpuUsage()
+  private busy0: number | null = null
+  constructor (private readonly serverPid: number | undefined) {}
+  start (): void {
+    this.server0 = procCpuSeconds(this.serverPid)
+    this.bench0 = process.cpuUsage()
+    this.busy0 = machineBusySeconds()
+    this.t0 = process.hrtime.bigint()
+  }
+
+  stop (): CpuWindow {
+    const wall = Number(process.hrtime.bigint() - this.t0) / 1e9
+    const server1 = procCpuSeconds(this.serverPid)
+    const b = process.cpuUsage(this.bench0)
+    const busy1 = machineBusySeconds()
+    const server = this.server0 === null || server1 === null ? null : server1 - this.server0
+    const bench = (b.user + b.system) / 1e6
+    const other = server === null || this.busy0 === null || busy1 === null ? null : Math.max(0, busy1 - this.busy0 - server - bench)
+    return { server: server === null ? null : server / wall, bench: bench / wall, other: other === null ? null : other / wall }
+  }
+}
+
 // Split the clients over worker threads (or run them here), start them on the same clock, wait
 // for every share's latencies.
-async function runShares (spec: Omit<LoadSpec, 'pairs'>, pairs: Pair[], workers: number): Promise<LoadResult[]> {
+async function runShares (spec: Omit<LoadSpec, 'pairs'>, pairs: Pair[], workers: number, meter: CpuMeter): Promise<{ results: LoadResult[], cpu: CpuWindow }> {
   const deadlineMs = 60_000 + spec.warmupMs + spec.durationMs + spec.requestTimeoutMs
   if (workers === 0) {
     const li = await connectAll({ ...spec, pairs })
     try {
-      return [await runLoad(li, process.hrtime.bigint(), spec.warmupMs, spec.durationMs)]
+      meter.start()
+      const result = await runLoad(li, process.hrtime.bigint(), spec.warmupMs, spec.durationMs)
+      return { results: [result], cpu: meter.stop() }
     } finally {
       li.close()
     }
@@ -312,9 +363,11 @@ async function runShares (spec: Omit<LoadSpec, 'pairs'>, pairs: Pair[], workers:
       w.once('message', (m: { type: string, result?: LoadResult, message?: string }) => m.type === 'done' ? resolve(m.result!) : reject(new Error(`load worker: ${m.message}`)))
       w.once('error', reject)
     }))
+    meter.start()
     const t0 = process.hrtime.bigint() + 20_000_000n // 20 ms from now, so every worker starts together
     for (const w of ws) w.postMessage({ type: 'go', t0: String(t0) })
-    return await Promise.race([Promise.all(done), deadline])
+    const results = await Promise.race([Promise.all(done), deadline])
+    return { results, cpu: meter.stop() }
   } finally {
     clearTimeout(timer)
     await Promise.all(ws.map(w => w.terminate()))
@@ -336,15 +389,8 @@ async function runLevel (n: number, opts: ReturnType<typeof parseFlags>): Promis
     const pairs = senders.map((user, k) => ({ user, to: opts.push ? senders[(k + 1) % n] : recipients[k] }))
     const spec = { kind: 'chainchat-load' as const, port: server.port, password, warmupMs: opts.warmup * 1000, durationMs: opts.duration * 1000, requestTimeoutMs: 10_000 }
     const setupMs = Date.now() - setupStart
-    const cpuServer0 = procCpuSeconds(server.proc.pid)
-    const cpuBench0 = process.cpuUsage()
-    const wall0 = process.hrtime.bigint()
-    // Logins (a scrypt each) happen inside runShares before the clock starts; the CPU figures
-    // include them, which is small next to the load.
-    const results = await runShares(spec, pairs, opts.workers)
-    const wall = Number(process.hrtime.bigint() - wall0) / 1e9
-    const cpuServer1 = procCpuSeconds(server.proc.pid)
-    const cpuBench = process.cpuUsage(cpuBench0)
+    // Logins (a scrypt each) happen inside runShares, before the clock and the CPU meter start.
+    const { results, cpu } = await runShares(spec, pairs, opts.workers, new CpuMeter(server.proc.pid))
     const total = results.reduce((s, r) => s + r.latUs.length, 0)
     const all = new Float64Array(total)
     let at = 0
@@ -358,8 +404,9 @@ async function runLevel (n: number, opts: ReturnType<typeof parseFlags>): Promis
       max: total > 0 ? all[total - 1] / 1000 : NaN,
       errors: results.reduce((s, r) => s + r.errors, 0),
       firstError: results.find(r => r.firstError !== null)?.firstError ?? null,
-      serverCpu: cpuServer0 === null || cpuServer1 === null ? null : (cpuServer1 - cpuServer0) / wall,
-      benchCpu: (cpuBench.user + cpuBench.system) / 1e6 / wall,
+      serverCpu: cpu.server,
+      benchCpu: cpu.bench,
+      otherCpu: cpu.other,
       setupMs
     }
   } finally {
@@ -443,7 +490,7 @@ interface RestartCase { label: string, runs: number[], recoveredMs: number[], re
 async function timeRestarts (label: string, dir: string, args: string[], runs: number): Promise<RestartCase> {
   const out: RestartCase = { label, runs: [], recoveredMs: [], replayed: null }
   for (let k = 0; k < runs; k++) {
-    const s = await startServer(dir, args, 180_000)
+    const s = await startServer(dir, args, 600_000)
     try {
       out.runs.push(s.readyMs)
       // The 'recovered' log line precedes the readiness line; its ms is the server's own
@@ -474,11 +521,13 @@ async function restartPart (records: number, runs: number): Promise<{ cases: Res
     const a = await timeRestarts(`(a) replay ${int(records)}-record log`, dir, noSnap, runs)
 
     // (b) The same state from a snapshot. Stopping a server does not write one: snapshots are
-    // taken after a write once --snapshot-every-records records (default 100,000) have
-    // accumulated. So: start the server once with default settings, log in and send one message;
-    // that write triggers a snapshot of index records+1 and compacts the replayed segment away.
+    // taken after a write once --snapshot-every-records records have accumulated. So: start the
+    // server once on the log with --snapshot-every-records 1 (the default, 100,000, would do the
+    // same for any log at least that long), log in and send one message; that write triggers a
+    // snapshot of index records+1 and compacts the replayed segment away. The snapshot is
+    // written before the send's reply goes out.
     const t1 = Date.now()
-    const maker = await startServer(dir, [], 180_000)
+    const maker = await startServer(dir, ['--snapshot-every-records', '1'], 600_000)
     try {
       const c = await ChatClient.connect({ port: maker.port, requestTimeoutMs: 120_000 })
       try {
@@ -487,7 +536,7 @@ async function restartPart (records: number, runs: number): Promise<{ cases: Res
       } finally {
         c.close()
       }
-      await waitFor('the snapshot', 120_000, () => serverLogLine(maker.stderr(), 'snapshot written') !== null)
+      await waitFor('the snapshot', 10_000, () => serverLogLine(maker.stderr(), 'snapshot written') !== null)
     } finally {
       await maker.stop(60_000)
     }
@@ -495,7 +544,7 @@ async function restartPart (records: number, runs: number): Promise<{ cases: Res
     const snap = files.find(f => /^snapshot-\d{20}\.snap$/.test(f))
     if (snap === undefined) throw new Error(`no snapshot was written; files: ${files.join(', ')}`)
     const snapMs = Number(serverLogLine(maker.stderr(), 'snapshot written')?.ms)
-    notes.push(`snapshot: ${snap}, ${f1(fs.statSync(path.join(dir, snap)).size / 2 ** 20)} MiB, made by the server itself (default flags, one login + one send after the replay; writing it took the server ${snapMs} ms; whole step ${f1((Date.now() - t1) / 1000)} s); log files left: ${files.filter(f => f.endsWith('.wal')).join(', ')}`)
+    notes.push(`snapshot: ${snap}, ${f1(fs.statSync(path.join(dir, snap)).size / 2 ** 20)} MiB, made by the server itself (--snapshot-every-records 1, one login + one send after the replay; writing it took the server ${snapMs} ms; whole step ${f1((Date.now() - t1) / 1000)} s); log files left: ${files.filter(f => f.endsWith('.wal')).join(', ')}`)
     const b = await timeRestarts(`(b) snapshot of the same state (+1 record)`, dir, [], runs)
 
     // For reference: what a start costs with nothing to recover (node + tsx + compiling lib/).
@@ -512,10 +561,14 @@ async function restartPart (records: number, runs: number): Promise<{ cases: Res
 
 async function main (): Promise<void> {
   const opts = parseFlags()
+  if (opts.profile !== null) {
+    fs.mkdirSync(opts.profile, { recursive: true })
+    serverNodeArgs = ['--cpu-prof', `--cpu-prof-dir=${opts.profile}`]
+  }
   const started = Date.now()
   const levels = opts.skipLoad ? [] : opts.clients
   // Watchdog: generous, but finite.
-  const budgetMs = 10 * 60_000 + levels.length * (opts.duration + opts.warmup + 120) * 1000 + (opts.skipRestart ? 0 : (opts.records / 1e6) * opts.runs * 3 * 60_000)
+  const budgetMs = 10 * 60_000 + levels.length * (opts.duration + opts.warmup + 120) * 1000 + (opts.skipRestart ? 0 : (opts.runs + 1) * 600_000 + 5 * 60_000) // each start may take up to 600 s
   setTimeout(() => {
     process.stderr.write(`bench: watchdog: still running after ${Math.round(budgetMs / 1000)} s, giving up\n`)
     process.exit(1)
@@ -523,7 +576,7 @@ async function main (): Promise<void> {
 
   const cpus = os.cpus()
   console.log('chainchat benchmark')
-  console.log(`node ${process.version} | ${cpus.length} CPUs (${cpus[0]?.model ?? 'unknown'}) | ${os.platform()} ${os.release()} | ${new Date().toISOString()}`)
+  console.log(`node ${process.version} | ${cpus.length} CPUs (${cpus[0]?.model ?? 'unknown'}) | ${os.platform()} ${os.release()} | ${new Date().toISOString()} | load average ${os.loadavg().map(x => x.toFixed(2)).join(' ')}`)
   console.log(`data in ${os.tmpdir()} | load: ${opts.workers === 0 ? 'main thread' : `${opts.workers} worker thread(s)`} | recipients: ${opts.push ? 'logged-in clients (push + mark_read)' : 'registered, offline users'}`)
   console.log()
 
@@ -535,11 +588,13 @@ async function main (): Promise<void> {
     // registering and logging in users again (a scrypt each), which happens before the clock
     // starts.
     //
-    // Load generation: by default the clients run in one worker thread (--workers 1). With 64
-    // connections in the bench's main thread, the load generator shares its event loop with the
-    // bench's own bookkeeping; a worker thread keeps it separate. On this 2-core machine the
-    // server's event loop needs one core, so more than one load thread only adds contention;
-    // `--workers 0|1|2` lets you check (the CPU table below shows who is busy).
+    // Load generation: by default all clients run in the bench's main thread (--workers 0).
+    // Measured on the 2-core target machine at 64 clients: the load generator needs only ~25% of
+    // one core at the rates the server sustains, while the server process needs more than one
+    // core (main thread + GC and thread-pool helpers); 1 or 2 worker threads gave no measurable
+    // gain (differences were within the run-to-run noise) and take CPU the server could use.
+    // `--workers 1|2` splits the clients over worker threads, to check again elsewhere; the CPU
+    // table shows who was busy (server, bench, everything else on the machine).
     console.log(`throughput: closed loop, ${opts.warmup} s warm-up (discarded) + ${opts.duration} s measured per level, fresh server per level`)
     const results: LevelResult[] = []
     for (const n of levels) {
@@ -551,9 +606,11 @@ async function main (): Promise<void> {
       results.map(r => [String(r.clients), int(r.opsPerSec), f3(r.p50), f3(r.p99), String(r.errors)]),
       [true, true, true, true, true]))
     console.log()
-    console.log(table(['clients', 'max ms', 'server CPU', 'bench CPU (all threads)'],
-      results.map(r => [String(r.clients), f1(r.max), r.serverCpu === null ? '-' : `${Math.round(r.serverCpu * 100)}%`, `${Math.round(r.benchCpu * 100)}%`]),
-      [true, true, true, true]))
+    const pct = (x: number | null): string => x === null ? '-' : `${Math.round(x * 100)}%`
+    console.log(`CPU during each level, in % of one core (${cpus.length} cores in all; 'other' is every other process on the machine):`)
+    console.log(table(['clients', 'max ms', 'server CPU', 'bench CPU', 'other CPU'],
+      results.map(r => [String(r.clients), f1(r.max), pct(r.serverCpu), pct(r.benchCpu), pct(r.otherCpu)]),
+      [true, true, true, true, true]))
     for (const r of results) if (r.firstError) console.log(`first error at ${r.clients} clients: ${r.firstError}`)
     console.log()
     const at64 = results.find(r => r.clients === 64)
