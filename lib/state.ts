@@ -44,6 +44,7 @@ export interface Applied {
 interface RidEntry {
   ts: number
   reply: Reply
+  hash: [number, number] // the entry's digest contribution, kept so eviction need not recompute it
 }
 
 // A user's messages, read and unread, in id order. Ids grow with the log index, so appending
@@ -54,9 +55,9 @@ export class Mailbox {
   readonly unread = new Set<number>()
 
   add (m: Message, read: boolean): void {
-    assert.ok(this.ids.length === 0 || this.ids[this.ids.length - 1] < m.id, 'message ids must grow')
+    if (this.ids.length > 0 && this.ids[this.ids.length - 1] >= m.id) assert.fail('message ids must grow')
     this.ids.push(m.id)
-    this.byId.set(m.id, { ...m, read })
+    this.byId.set(m.id, { id: m.id, from: m.from, to: m.to, text: m.text, ts: m.ts, read })
     if (!read) this.unread.add(m.id)
   }
 
@@ -97,8 +98,10 @@ export function lowerBound (sorted: ArrayLike<number | string>, x: number | stri
 class MultisetDigest {
   private a = 0
   private b = 0
-  add (entry: string): void { const [x, y] = hash2(entry); this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
-  remove (entry: string): void { const [x, y] = hash2(entry); this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
+  add (entry: string): void { this.addHash(hash2(entry)) }
+  remove (entry: string): void { this.removeHash(hash2(entry)) }
+  addHash ([x, y]: [number, number]): void { this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
+  removeHash ([x, y]: [number, number]): void { this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
   hex (): string { return this.a.toString(16).padStart(8, '0') + this.b.toString(16).padStart(8, '0') }
 }
 
@@ -121,7 +124,7 @@ function hash2 (s: string): [number, number] {
 const accountEntry = (a: Account): string => `u\u0000${a.key}\u0000${a.name}\u0000${a.salt}\u0000${a.hash}\u0000${a.created}`
 const messageEntry = (owner: string, m: Message, read: boolean): string =>
   `m\u0000${owner}\u0000${m.id}\u0000${m.from}\u0000${m.to}\u0000${m.ts}\u0000${read ? 1 : 0}\u0000${m.text}`
-const ridEntry = (key: string, e: RidEntry): string => `r\u0000${key}\u0000${e.ts}\u0000${JSON.stringify(e.reply)}`
+const ridEntry = (key: string, ts: number, reply: Reply): string => `r\u0000${key}\u0000${ts}\u0000${JSON.stringify(reply)}`
 
 const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: { code, message } })
 
@@ -142,7 +145,11 @@ export class ChatState {
   lastTs = 0
   readonly accounts = new Map<string, Account>()
   readonly sortedKeys: string[] = [] // account keys, sorted, for listing and prefix search
-  readonly rids = new Map<string, RidEntry>() // insertion order is eviction order
+  readonly rids = new Map<string, RidEntry>()
+  // Keys in the order they were applied, from ridHead on: the eviction order. (Evicting through
+  // the Map's own order would walk its deleted slots every time.)
+  private ridOrder: string[] = []
+  private ridHead = 0
   private readonly digestAcc = new MultisetDigest()
 
   digest (): string { return this.digestAcc.hex() }
@@ -154,7 +161,7 @@ export class ChatState {
 
   // Apply one committed record. Records must arrive in index order, each exactly once.
   apply (r: LogRecord): Applied {
-    assert.equal(r.i, this.index + 1, `record ${r.i} applied after ${this.index}`)
+    if (r.i !== this.index + 1) assert.fail(`record ${r.i} applied after ${this.index}`)
     this.index = r.i
     this.lastEpoch = r.e
     if (r.ts > this.lastTs) this.lastTs = r.ts
@@ -165,7 +172,7 @@ export class ChatState {
       if (seen) return { reply: seen.reply, effects: {} }
     }
     const applied = this.applyOp(r)
-    if (r.rk !== undefined) this.rememberRid(r.rk, { ts: r.ts, reply: applied.reply })
+    if (r.rk !== undefined) this.rememberRid(r.rk, r.ts, applied.reply)
     return applied
   }
 
@@ -254,13 +261,19 @@ export class ChatState {
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
   }
 
-  private rememberRid (key: string, e: RidEntry): void {
-    this.rids.set(key, e)
-    this.digestAcc.add(ridEntry(key, e))
+  private rememberRid (key: string, ts: number, reply: Reply): void {
+    const hash = hash2(ridEntry(key, ts, reply))
+    this.rids.set(key, { ts, reply, hash })
+    this.ridOrder.push(key)
+    this.digestAcc.addHash(hash)
     if (this.rids.size > limits.ridsMax) {
-      const [oldKey, old] = this.rids.entries().next().value!
+      const oldKey = this.ridOrder[this.ridHead++]
+      this.digestAcc.removeHash(this.rids.get(oldKey)!.hash)
       this.rids.delete(oldKey)
-      this.digestAcc.remove(ridEntry(oldKey, old))
+      if (this.ridHead >= 65536 && this.ridHead * 2 >= this.ridOrder.length) {
+        this.ridOrder = this.ridOrder.slice(this.ridHead)
+        this.ridHead = 0
+      }
     }
   }
 
@@ -302,8 +315,10 @@ export class ChatState {
       else if (messages.length > 0) yield { kind: 'messages', name: a.name, messages }
     }
     let entries: Array<[string, number, Reply]> = []
-    for (const [k, e] of this.rids) {
-      entries.push([k, e.ts, e.reply])
+    for (let k = this.ridHead; k < this.ridOrder.length; k++) {
+      const key = this.ridOrder[k]
+      const e = this.rids.get(key)!
+      entries.push([key, e.ts, e.reply])
       if (entries.length === ridsPerChunk) {
         yield { kind: 'rids', entries }
         entries = []
@@ -343,7 +358,7 @@ export class ChatState {
           break
         }
         case 'rids':
-          for (const [k, ts, reply] of c.entries) st.rememberRid(k, { ts, reply })
+          for (const [k, ts, reply] of c.entries) st.rememberRid(k, ts, reply)
           break
         default:
           throw new Error(`unknown snapshot chunk ${JSON.stringify((c as { kind: unknown }).kind)}`)

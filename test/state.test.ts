@@ -149,3 +149,19 @@ t.test('Mailbox and lowerBound', async t => {
   t.notOk(mb.remove(7))
   t.ok(mb.remove(1))
 })
+
+t.test('after evictions, a snapshot round trip keeps the rid order and the digest', async t => {
+  const { st, apply } = withUsers('a', 'b')
+  for (let k = 0; k < limits.ridsMax + 1500; k++) apply({ op: 'noop', rk: `e${k}` })
+  const copy = ChatState.fromSnapshotChunks(st.snapshotChunks() as Iterable<Record<string, unknown>>)
+  t.equal(copy.digest(), st.digest())
+  t.equal(copy.rids.size, limits.ridsMax)
+  t.notOk(copy.ridReply('e1499'))
+  t.ok(copy.ridReply('e1500'))
+  // Both evict the same next key.
+  apply({ op: 'noop', rk: 'x' })
+  copy.apply({ op: 'noop', rk: 'x', i: copy.index + 1, e: 0, ts: st.lastTs } as LogRecord)
+  t.equal(copy.digest(), st.digest())
+  t.notOk(st.ridReply('e1500'))
+  t.notOk(copy.ridReply('e1500'))
+})
