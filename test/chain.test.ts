@@ -5,7 +5,7 @@ import t from 'tap'
 import { Chain } from './helpers/chain.ts'
 import { RawConn, waitFor } from './helpers/spawn.ts'
 import { setupUsers, startSends, mailboxCounts, violations } from './helpers/workload.ts'
-import { ChatClient } from '../lib/client.ts'
+import { ChatClient, RequestError } from '../lib/client.ts'
 
 const users = ['ann', 'ben', 'cat', 'dan']
 
@@ -74,3 +74,32 @@ for (const [victim, name] of [[0, 'primary'], [1, 'middle'], [2, 'tail']] as con
     if (victim === 0) t.not(after.primary, 0, 'and did not take the primary role back')
   })
 }
+
+t.test('two clients race to register one name while the primary is killed: exactly one owns it', async t => {
+  const chain = await Chain.create(t)
+  await chain.startAll()
+  await chain.waitConverged(3)
+  const a = await ChatClient.connect({ servers: chain.servers })
+  const b = await ChatClient.connect({ servers: chain.servers })
+  const results: Array<Promise<string>> = []
+  const outcome = (p: Promise<void>): Promise<string> => p.then(() => 'ok', e => e instanceof RequestError ? e.code : 'unknown')
+  for (let k = 0; k < 10; k++) {
+    results.push(outcome(a.register(`name${k}`, 'pw-a')))
+    results.push(outcome(b.register(`name${k}`, 'pw-b')))
+    if (k === 4) await chain.kill(0)
+  }
+  const got = await Promise.all(results)
+  a.close()
+  b.close()
+  await chain.waitConverged(2, 30_000)
+  const c = await ChatClient.connect({ servers: chain.servers })
+  for (let k = 0; k < 10; k++) {
+    const [ra, rb] = [got[2 * k], got[2 * k + 1]]
+    t.ok([ra, rb].filter(x => x === 'ok').length === 1 && [ra, rb].includes('USER_EXISTS'), `name${k}: one ok and one USER_EXISTS (${ra}, ${rb})`)
+    const winner = ra === 'ok' ? 'pw-a' : 'pw-b'
+    const loser = ra === 'ok' ? 'pw-b' : 'pw-a'
+    t.equal((await c.login(`name${k}`, winner)).user, `name${k}`, 'the acknowledged registrant owns the name')
+    await t.rejects(c.login(`name${k}`, loser), { code: 'AUTH_FAILED' })
+  }
+  c.close()
+})
