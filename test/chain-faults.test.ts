@@ -1,5 +1,5 @@
-// Faults beyond a single crash: paused processes, the whole cluster restarting in every order,
-// and a name raced for while the primary dies.
+// Paused processes: a SIGSTOP'd primary or middle is detected and failed over, and once
+// resumed it acknowledges nothing stale and rejoins.
 
 import t from 'tap'
 import { Chain } from './helpers/chain.ts'
