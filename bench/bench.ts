@@ -1,8 +1,12 @@
 // chainchat benchmark: `npm run bench [-- flags]`.
 //
 //   1. Throughput and latency of acknowledged (fsync'd) sends: N closed-loop clients against a
-//      real server process, for each N in --clients.
-//   2. Restart time: a data directory holding a --records-record log, started (a) by replaying
+//      real server process, for each N in --clients; then the same against a local chain of
+//      three server processes (clients use the library's failover client, given all three).
+//   2. Failover time: one client sending back to back to a three-server chain; the primary is
+//      SIGKILLed (then, separately, SIGSTOPped), and the time from the signal to the first send
+//      acknowledged by the new primary is measured as the client sees it.
+//   3. Restart time: a data directory holding a --records-record log, started (a) by replaying
 //      the whole log and (b) from a snapshot of the same state; plus the start-up floor of a
 //      server on an empty directory, for reference.
 //
@@ -12,9 +16,12 @@
 //   --workers <n>      load-generating worker threads (default 0: the bench's main thread)
 //   --push             send to another logged-in bench client instead of to an offline user
 //   --records <n>      log records for the restart test (default 1,000,000)
-//   --runs <n>         restarts per case, the median is reported (default 3)
-//   --skip-restart     only the throughput part
-//   --skip-load        only the restart part
+//   --runs <n>         restarts per case, and failovers per fault; the median is reported (default 3)
+//   --liveness-ms <n>  the failover client's livenessTimeoutMs (default: the library's, 3000)
+//   --skip-load        skip the throughput tables (single server and chain)
+//   --skip-chain       skip the chain throughput table
+//   --skip-failover    skip the failover measurement
+//   --skip-restart     skip the restart part
 //   --profile <dir>    run every server under `node --cpu-prof`, profiles written to <dir>
 //
 // Everything the bench starts is bounded: every wait has a deadline, the whole run has a
@@ -26,6 +33,7 @@ import { parseArgs } from 'node:util'
 import { Worker } from 'node:worker_threads'
 import { randomBytes, scryptSync } from 'node:crypto'
 import fs from 'node:fs'
+import net from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -76,7 +84,7 @@ function rmTemp (d: string): void {
 // ---- flags ----------------------------------------------------------------------------------
 
 function usageExit (msg: string): never {
-  process.stderr.write(`bench: ${msg}\nusage: npm run bench -- [--duration <s>] [--warmup <s>] [--clients 1,16,64] [--workers <n>] [--push] [--records <n>] [--runs <n>] [--skip-restart] [--skip-load] [--profile <dir>]\n`)
+  process.stderr.write(`bench: ${msg}\nusage: npm run bench -- [--duration <s>] [--warmup <s>] [--clients 1,16,64] [--workers <n>] [--push] [--records <n>] [--runs <n>] [--liveness-ms <n>] [--skip-load] [--skip-chain] [--skip-failover] [--skip-restart] [--profile <dir>]\n`)
   process.exit(2)
 }
 
@@ -89,7 +97,8 @@ function num (name: string, v: string | undefined, fallback: number, min: number
 
 function parseFlags (): {
   duration: number, warmup: number, clients: number[], workers: number, push: boolean,
-  records: number, runs: number, skipRestart: boolean, skipLoad: boolean, profile: string | null
+  records: number, runs: number, livenessMs: number | null,
+  skipRestart: boolean, skipLoad: boolean, skipChain: boolean, skipFailover: boolean, profile: string | null
 } {
   let values
   try {
@@ -105,8 +114,11 @@ function parseFlags (): {
         push: { type: 'boolean' },
         records: { type: 'string' },
         runs: { type: 'string' },
+        'liveness-ms': { type: 'string' },
         'skip-restart': { type: 'boolean' },
         'skip-load': { type: 'boolean' },
+        'skip-chain': { type: 'boolean' },
+        'skip-failover': { type: 'boolean' },
         profile: { type: 'string' },
         help: { type: 'boolean', short: 'h' }
       }
@@ -120,7 +132,8 @@ function parseFlags (): {
   const records = num('records', values.records, 1_000_000, 10, 20_000_000)
   const runs = num('runs', values.runs, 3, 1, 20)
   const workers = num('workers', values.workers, 0, 0, 16)
-  if (!Number.isInteger(records) || !Number.isInteger(runs) || !Number.isInteger(workers)) usageExit('--records, --runs and --workers take whole numbers')
+  const livenessMs = values['liveness-ms'] === undefined ? null : num('liveness-ms', values['liveness-ms'], 0, 50, 60_000)
+  if (!Number.isInteger(records) || !Number.isInteger(runs) || !Number.isInteger(workers) || (livenessMs !== null && !Number.isInteger(livenessMs))) usageExit('--records, --runs, --workers and --liveness-ms take whole numbers')
   return {
     duration: num('duration', values.duration, 5, 0.1, 600),
     warmup: num('warmup', values.warmup, 1, 0, 60),
@@ -129,8 +142,11 @@ function parseFlags (): {
     push: values.push === true,
     records,
     runs,
+    livenessMs,
     skipRestart: values['skip-restart'] === true,
     skipLoad: values['skip-load'] === true,
+    skipChain: values['skip-chain'] === true,
+    skipFailover: values['skip-failover'] === true,
     profile: values.profile === undefined ? null : path.resolve(values.profile)
   }
 }
@@ -149,8 +165,8 @@ interface Server {
 // Extra node flags for every server process (--profile sets them).
 let serverNodeArgs: string[] = []
 
-async function startServer (dir: string, args: string[] = [], readyTimeoutMs = 30_000): Promise<Server> {
-  const argv = [...serverNodeArgs, serverJs, '--port', '0', '--host', '127.0.0.1', '--data', dir, ...args]
+async function startServer (dir: string, args: string[] = [], readyTimeoutMs = 30_000, port = 0): Promise<Server> {
+  const argv = [...serverNodeArgs, serverJs, '--port', String(port), '--host', '127.0.0.1', '--data', dir, ...args]
   const t0 = process.hrtime.bigint()
   const proc = spawn(process.execPath, argv, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] })
   liveProcs.add(proc)
@@ -276,17 +292,19 @@ interface LevelResult {
   // CPU during warm-up + window, as fractions of one core: the server process, the bench process
   // (all threads), and every other process on the machine
   serverCpu: number | null
+  memberCpu: Array<number | null> // per server process (one entry for a single server)
   benchCpu: number
   otherCpu: number | null
   setupMs: number
+  note: string | null // chain: a reconfiguration during the level, from the members' status and logs
 }
 
 // Register users over the wire, a few connections at a time (each register costs the server a
 // scrypt on its thread pool).
-async function registerUsers (port: number, names: string[]): Promise<void> {
+async function registerUsers (target: { port: number } | { servers: string[] }, names: string[]): Promise<void> {
   let next = 0
   const worker = async (): Promise<void> => {
-    const c = await ChatClient.connect({ port, requestTimeoutMs: 30_000 })
+    const c = await ChatClient.connect({ ...target, requestTimeoutMs: 30_000 })
     try {
       while (next < names.length) await c.register(names[next++], password)
     } finally {
@@ -297,16 +315,18 @@ async function registerUsers (port: number, names: string[]): Promise<void> {
 }
 
 // CPU use while the load runs (warm-up and measured window, not the logins before them).
-interface CpuWindow { server: number | null, bench: number, other: number | null } // fractions of one core
+// `server` is the sum over the server processes measured (one, or the members of a chain),
+// `members` the same per process.
+interface CpuWindow { server: number | null, members: Array<number | null>, bench: number, other: number | null } // fractions of one core
 
 class CpuMeter {
   private t0 = 0n
-  private server0: number | null = null
+  private server0: Array<number | null> = []
   private bench0: NodeJS.CpuUsage = process.cpuUsage()
   private busy0: number | null = null
-  constructor (private readonly serverPid: number | undefined) {}
+  constructor (private readonly serverPids: Array<number | undefined>) {}
   start (): void {
-    this.server0 = procCpuSeconds(this.serverPid)
+    this.server0 = this.serverPids.map(procCpuSeconds)
     this.bench0 = process.cpuUsage()
     this.busy0 = machineBusySeconds()
     this.t0 = process.hrtime.bigint()
@@ -314,13 +334,19 @@ class CpuMeter {
 
   stop (): CpuWindow {
     const wall = Number(process.hrtime.bigint() - this.t0) / 1e9
-    const server1 = procCpuSeconds(this.serverPid)
+    const server1 = this.serverPids.map(procCpuSeconds)
     const b = process.cpuUsage(this.bench0)
     const busy1 = machineBusySeconds()
-    const server = this.server0 === null || server1 === null ? null : server1 - this.server0
+    const members = server1.map((s1, k) => s1 === null || this.server0[k] === null ? null : s1 - this.server0[k]!)
+    const server = members.some(m => m === null) ? null : members.reduce((a: number, m) => a + m!, 0)
     const bench = (b.user + b.system) / 1e6
     const other = server === null || this.busy0 === null || busy1 === null ? null : Math.max(0, busy1 - this.busy0 - server - bench)
-    return { server: server === null ? null : server / wall, bench: bench / wall, other: other === null ? null : other / wall }
+    return {
+      server: server === null ? null : server / wall,
+      members: members.map(m => m === null ? null : m / wall),
+      bench: bench / wall,
+      other: other === null ? null : other / wall
+    }
   }
 }
 
@@ -374,23 +400,55 @@ async function runShares (spec: Omit<LoadSpec, 'pairs'>, pairs: Pair[], workers:
   }
 }
 
-async function runLevel (n: number, opts: ReturnType<typeof parseFlags>): Promise<LevelResult> {
+// One level: a fresh single server (or a fresh three-server chain) and data directory, n clients.
+async function runLevel (n: number, opts: ReturnType<typeof parseFlags>, kind: 'single' | 'chain'): Promise<LevelResult> {
   const setupStart = Date.now()
-  const dir = mkTemp(`load${n}`)
-  const server = await startServer(dir)
+  let dir: string | null = null
+  let server: Server | null = null
+  let chain: LocalChain | null = null
+  let epoch0 = 0
   try {
+    let target: { port: number } | { servers: string[] }
+    let pids: Array<number | undefined>
+    if (kind === 'single') {
+      dir = mkTemp(`load${n}`)
+      server = await startServer(dir)
+      target = { port: server.port }
+      pids = [server.proc.pid]
+    } else {
+      chain = await startChain(`chain${n}`)
+      const { order, epoch } = await waitChainReady(chain, 30_000)
+      epoch0 = epoch
+      target = { servers: chain.servers }
+      pids = order.map(k => chain!.members[k].server?.proc.pid) // primary, middle, tail
+    }
     const senders = Array.from({ length: n }, (_, k) => `s${k}`)
     // Default: each sender has its own recipient who is registered but never logs in, so every
     // acknowledged send is exactly one log record. --push: a ring over the logged-in senders
     // (with one client, that is itself), so each send also pushes to a live session and the
     // server logs a mark_read record for it.
     const recipients = opts.push ? [] : Array.from({ length: n }, (_, k) => `r${k}`)
-    await registerUsers(server.port, [...senders, ...recipients])
+    await registerUsers(target, [...senders, ...recipients])
     const pairs = senders.map((user, k) => ({ user, to: opts.push ? senders[(k + 1) % n] : recipients[k] }))
-    const spec = { kind: 'chainchat-load' as const, port: server.port, password, warmupMs: opts.warmup * 1000, durationMs: opts.duration * 1000, requestTimeoutMs: 10_000 }
+    const spec = {
+      kind: 'chainchat-load' as const,
+      port: 'port' in target ? target.port : 0,
+      ...('servers' in target ? { servers: target.servers } : {}),
+      password,
+      warmupMs: opts.warmup * 1000,
+      durationMs: opts.duration * 1000,
+      requestTimeoutMs: 10_000
+    }
     const setupMs = Date.now() - setupStart
     // Logins (a scrypt each) happen inside runShares, before the clock and the CPU meter start.
-    const { results, cpu } = await runShares(spec, pairs, opts.workers, new CpuMeter(server.proc.pid))
+    const { results, cpu } = await runShares(spec, pairs, opts.workers, new CpuMeter(pids))
+    // A chain that reconfigured during the level (a member presumed failed, say, on a starved
+    // machine) measured something else: say so next to the table.
+    let note: string | null = null
+    if (chain !== null) {
+      const epochs = (await Promise.all(chain.members.map(m => statusOf(m.addr)))).map(x => x?.epoch ?? 'no answer')
+      if (epochs.some(e => e !== epoch0)) note = `the chain reconfigured during the level: epoch ${epoch0} -> ${epochs.join('/')}; ${chainEvents(chain, 3)}`
+    }
     const total = results.reduce((s, r) => s + r.latUs.length, 0)
     const all = new Float64Array(total)
     let at = 0
@@ -405,13 +463,296 @@ async function runLevel (n: number, opts: ReturnType<typeof parseFlags>): Promis
       errors: results.reduce((s, r) => s + r.errors, 0),
       firstError: results.find(r => r.firstError !== null)?.firstError ?? null,
       serverCpu: cpu.server,
+      memberCpu: cpu.members,
       benchCpu: cpu.bench,
       otherCpu: cpu.other,
-      setupMs
+      setupMs,
+      note
     }
+  } catch (e) {
+    if (chain !== null) process.stderr.write(`bench: chain level with ${n} clients failed; the members' events: ${chainEvents(chain, 8)}\n`)
+    throw e
   } finally {
-    await server.stop()
-    rmTemp(dir)
+    if (server !== null) await server.stop()
+    if (dir !== null) rmTemp(dir)
+    if (chain !== null) await stopChain(chain)
+  }
+}
+
+// ---- a local three-server chain ---------------------------------------------------------------
+
+// The chain runs with the server's default --heartbeat-ms and --failure-timeout-ms (no flags
+// passed): the figures are then the ones an operator gets without tuning. The values are read
+// from lib/limits.ts, which is where the server takes its defaults from.
+interface ChainMember { addr: string, port: number, dir: string, server: Server | null }
+interface LocalChain { base: string, members: ChainMember[], servers: string[] }
+
+// n ports that were free a moment ago on 127.0.0.1, ascending (the lowest port is the initial
+// primary). Another process could take one before the server binds it: startChain retries.
+async function freePorts (n: number): Promise<number[]> {
+  const servers: net.Server[] = []
+  try {
+    while (servers.length < n) {
+      const s = net.createServer()
+      servers.push(s)
+      await new Promise<void>((resolve, reject) => { s.once('error', reject); s.listen(0, '127.0.0.1', resolve) })
+    }
+    return servers.map(s => (s.address() as net.AddressInfo).port).sort((a, b) => a - b)
+  } finally {
+    for (const s of servers) await new Promise(resolve => s.close(resolve))
+  }
+}
+
+async function startChain (tag: string): Promise<LocalChain> {
+  let lastError: unknown = null
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const base = mkTemp(tag)
+    const ports = await freePorts(3)
+    const members: ChainMember[] = ports.map((port, k) => ({ addr: `127.0.0.1:${port}`, port, dir: path.join(base, `m${k}`), server: null }))
+    const chain: LocalChain = { base, members, servers: members.map(m => m.addr) }
+    const peers = chain.servers.join(',')
+    const started = await Promise.allSettled(members.map(m => startServer(m.dir, ['--peers', peers], 30_000, m.port)))
+    started.forEach((r, k) => { if (r.status === 'fulfilled') members[k].server = r.value })
+    const failed = started.find((r): r is PromiseRejectedResult => r.status === 'rejected')
+    if (failed === undefined) return chain
+    lastError = failed.reason
+    process.stderr.write(`bench: starting a chain failed (attempt ${attempt + 1} of 3): ${String((lastError as Error)?.message ?? lastError).slice(0, 500)}\n`)
+    await stopChain(chain)
+  }
+  throw new Error(`could not start a three-server chain: ${String((lastError as Error)?.message ?? lastError)}`)
+}
+
+// Stop every member (a paused one is continued first, or SIGTERM would wait for the timeout) and
+// remove the data directories.
+async function stopChain (chain: LocalChain): Promise<void> {
+  try {
+    await Promise.all(chain.members.map(async m => {
+      const s = m.server
+      if (s === null) return
+      try { s.proc.kill('SIGCONT') } catch { /* gone */ }
+      await s.stop(10_000)
+    }))
+  } finally {
+    rmTemp(chain.base)
+  }
+}
+
+// One status request on a fresh connection; null if the server does not answer in time.
+function statusOf (addr: string, timeoutMs = 2000): Promise<Record<string, unknown> | null> {
+  const k = addr.lastIndexOf(':')
+  return new Promise(resolve => {
+    const socket = net.connect(Number(addr.slice(k + 1)), addr.slice(0, k))
+    let buf = ''
+    const done = (v: Record<string, unknown> | null): void => {
+      clearTimeout(timer)
+      socket.destroy()
+      resolve(v)
+    }
+    const timer = setTimeout(() => done(null), timeoutMs)
+    socket.setEncoding('utf8')
+    socket.on('connect', () => socket.write('{"op":"status","id":1}\n'))
+    socket.on('data', (d: string) => {
+      buf += d
+      const nl = buf.indexOf('\n')
+      if (nl < 0) return
+      try { done(JSON.parse(buf.slice(0, nl))) } catch { done(null) }
+    })
+    socket.on('error', () => done(null))
+    socket.on('close', () => done(null))
+  })
+}
+
+// Wait until all three members answer, exactly one is primary, its chain holds all three (no
+// learner), every member is primary or backup, and all report the same epoch. Returns the
+// members' positions in chain order (primary first) and the epoch.
+async function waitChainReady (chain: LocalChain, timeoutMs: number): Promise<{ order: number[], epoch: number }> {
+  const end = Date.now() + timeoutMs
+  for (;;) {
+    const st = await Promise.all(chain.members.map(m => m.server === null ? Promise.resolve(null) : statusOf(m.addr)))
+    const all = st.filter((x): x is Record<string, unknown> => x !== null)
+    const primaries = all.filter(x => x.role === 'primary')
+    if (all.length === chain.members.length && primaries.length === 1) {
+      const p = primaries[0]
+      const order = Array.isArray(p.chain) ? (p.chain as string[]).map(a => chain.servers.indexOf(a)) : []
+      if (order.length === chain.members.length && !order.includes(-1) && (p.learner ?? null) === null &&
+          all.every(x => x.epoch === p.epoch && (x.role === 'primary' || x.role === 'backup'))) {
+        return { order, epoch: Number(p.epoch) }
+      }
+    }
+    if (Date.now() > end) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for a chain of three with a primary at one epoch; statuses: ${JSON.stringify(st.map(x => x === null ? null : { node: x.node, role: x.role, epoch: x.epoch, chain: x.chain, learner: x.learner }))}`)
+    }
+    await sleep(100)
+  }
+}
+
+const sleep = (ms: number): Promise<void> => new Promise(resolve => setTimeout(resolve, ms))
+
+// Every parsed operator-log line with this msg.
+function serverLogLines (stderr: string, msg: string): Array<Record<string, unknown>> {
+  const out: Array<Record<string, unknown>> = []
+  for (const line of stderr.split('\n')) {
+    if (!line.includes(`"msg":"${msg}"`)) continue
+    try { out.push(JSON.parse(line)) } catch { /* partial line */ }
+  }
+  return out
+}
+
+// The members' replication events after start-up (role changes beyond the first, lost peers,
+// reconfigurations, step-downs), the last `max` of them, for diagnostics.
+function chainEvents (chain: LocalChain, max: number): string {
+  const events: Array<{ t: string, text: string }> = []
+  for (const m of chain.members) {
+    for (const msg of ['role change', 'peer lost', 'reconfigured', 'stepping down']) {
+      for (const l of serverLogLines(m.server?.stderr() ?? '', msg)) {
+        if (msg === 'role change' && l.from === 'waiting') continue // the cold start
+        events.push({ t: String(l.t), text: `${String(l.t).slice(11)} ${m.addr} ${msg}${l.to === undefined ? '' : ` -> ${String(l.to)}`}${l.why === undefined ? '' : ` (${String(l.why)})`}` })
+      }
+    }
+  }
+  events.sort((a, b) => a.t < b.t ? -1 : a.t > b.t ? 1 : 0)
+  return events.length === 0 ? 'none logged' : events.slice(-max).map(e => e.text).join('; ')
+}
+
+// ---- failover time -------------------------------------------------------------------------
+
+interface FailoverRun {
+  fault: 'SIGKILL' | 'SIGSTOP'
+  ms: number // signal -> first send acknowledged at the new primary, on the client's clock
+  lossMs: number | null // signal -> the client's 'reconnecting' event (it noticed)
+  reconnectedMs: number | null // signal -> the client's 'reconnected' event
+  lossReason: string | null
+  detectMs: number | null // signal -> first 'peer lost' line of a survivor (server log, ms resolution)
+  takeoverMs: number | null // signal -> the new primary's 'role change' to primary (server log)
+  oldPrimary: string
+  newPrimary: string
+  newRole: string // the new primary's role right after, from its status
+  epochs: [number, number]
+  acksBefore: number
+  loginMs: number // the client's first login, for reference: the library logs in again (a scrypt) before 'reconnected'
+  errors: number // sends that failed (the library retries; any failure here is one the caller saw)
+  firstError: string | null
+  rejoinMs: number | null // SIGSTOP: SIGCONT -> the chain of three converged again; null: not within 30 s
+}
+
+async function failoverRun (fault: 'SIGKILL' | 'SIGSTOP', livenessMs: number | null): Promise<FailoverRun> {
+  const chain = await startChain('failover')
+  let client: ChatClient | null = null
+  let stopLoop = true
+  let loop: Promise<void> = Promise.resolve()
+  try {
+    const { order, epoch: epoch0 } = await waitChainReady(chain, 30_000)
+    const old = chain.members[order[0]]
+    await registerUsers({ servers: chain.servers }, ['fo-a', 'fo-b'])
+    // The library's defaults, except livenessTimeoutMs when --liveness-ms is given.
+    client = await ChatClient.connect({ servers: chain.servers, ...(livenessMs === null ? {} : { livenessTimeoutMs: livenessMs }) })
+    const tLogin = process.hrtime.bigint()
+    await client.login('fo-a', password)
+    const loginMs = Number(process.hrtime.bigint() - tLogin) / 1e6
+    if (client.address !== old.addr) throw new Error(`the client connected to ${client.address}, not to the primary ${old.addr}`)
+    const c = client
+
+    let tSignal: bigint | null = null
+    let firstNew: { t: bigint, addr: string } | null = null
+    let lossAt: bigint | null = null
+    let lossReason: string | null = null
+    let reconnectedAt: bigint | null = null
+    let acks = 0
+    let errors = 0
+    let firstError: string | null = null
+    let gone = false
+    c.once('close', () => { gone = true })
+    c.on('reconnecting', (reason: string) => {
+      if (tSignal !== null && lossAt === null) { lossAt = process.hrtime.bigint(); lossReason = reason }
+    })
+    c.on('reconnected', () => { if (tSignal !== null && reconnectedAt === null) reconnectedAt = process.hrtime.bigint() })
+
+    // One client, sending back to back: the next send starts when the previous one is answered.
+    stopLoop = false
+    loop = (async () => {
+      let seq = 0
+      while (!stopLoop && !gone) {
+        try {
+          await c.send('fo-b', `failover probe ${++seq}`)
+          const t = process.hrtime.bigint()
+          acks++
+          if (tSignal !== null && firstNew === null && t > tSignal && c.address !== old.addr) firstNew = { t, addr: c.address }
+        } catch (e) {
+          if (stopLoop) break
+          errors++
+          firstError ??= (e as Error).message
+          await sleep(5) // never a hot loop
+        }
+      }
+    })()
+
+    // Steady state first: a second of acknowledged sends at the primary.
+    await sleep(1000)
+    await waitFor('sends acknowledged before the fault', 10_000, () => acks >= 20)
+    const acksBefore = acks
+    if (errors > 0) throw new Error(`sends failed before the fault: ${firstError}`)
+
+    const wall0 = Date.now()
+    tSignal = process.hrtime.bigint()
+    old.server!.proc.kill(fault)
+    await waitFor(`the first send acknowledged by a new primary after ${fault}`, 60_000, () => firstNew !== null || gone)
+    if (firstNew === null) throw new Error(`the client gave up after ${fault}: ${firstError}`)
+    const hit = firstNew as { t: bigint, addr: string }
+    stopLoop = true
+    const ms = Number(hit.t - tSignal) / 1e6
+    const since = (t: bigint | null): number | null => t === null ? null : Number(t - tSignal!) / 1e6
+
+    const st = await statusOf(hit.addr)
+    const survivors = chain.members.filter(m => m !== old)
+    const logMs = (m: ChainMember, msg: string, pick: (l: Record<string, unknown>) => boolean): number | null => {
+      const ts = serverLogLines(m.server?.stderr() ?? '', msg).filter(pick).map(l => Date.parse(String(l.t)) - wall0).filter(x => x >= 0)
+      return ts.length === 0 ? null : Math.min(...ts)
+    }
+    const detects = survivors.map(m => logMs(m, 'peer lost', () => true)).filter((x): x is number => x !== null)
+    const newMember = chain.members.find(m => m.addr === hit.addr)
+    const takeoverMs = newMember === undefined ? null : logMs(newMember, 'role change', l => l.to === 'primary')
+
+    const run: FailoverRun = {
+      fault,
+      ms,
+      lossMs: since(lossAt),
+      reconnectedMs: since(reconnectedAt),
+      lossReason,
+      detectMs: detects.length === 0 ? null : Math.min(...detects),
+      takeoverMs,
+      oldPrimary: old.addr,
+      newPrimary: hit.addr,
+      newRole: String(st?.role ?? 'no answer'),
+      epochs: [epoch0, Number(st?.epoch ?? NaN)],
+      acksBefore,
+      loginMs,
+      errors,
+      firstError,
+      rejoinMs: null
+    }
+    client.close()
+    client = null
+    await Promise.race([loop, sleep(5000)])
+
+    if (fault === 'SIGKILL') {
+      await old.server!.exited
+    } else {
+      // Let the paused primary run again; it should find the chain moved on, step down and rejoin.
+      const tCont = process.hrtime.bigint()
+      old.server!.proc.kill('SIGCONT')
+      try {
+        await waitChainReady(chain, 30_000)
+        run.rejoinMs = Number(process.hrtime.bigint() - tCont) / 1e6
+      } catch (e) {
+        process.stderr.write(`bench: after SIGCONT: ${(e as Error).message}\n`)
+      }
+    }
+    return run
+  } finally {
+    stopLoop = true
+    client?.close()
+    await Promise.race([loop, sleep(5000)])
+    await stopChain(chain)
   }
 }
 
@@ -567,25 +908,37 @@ async function main (): Promise<void> {
   }
   const started = Date.now()
   const levels = opts.skipLoad ? [] : opts.clients
-  // Watchdog: generous, but finite.
-  const budgetMs = 10 * 60_000 + levels.length * (opts.duration + opts.warmup + 120) * 1000 + (opts.skipRestart ? 0 : (opts.runs + 1) * 600_000 + 5 * 60_000) // each start may take up to 600 s
+  const chainLevels = opts.skipLoad || opts.skipChain ? [] : opts.clients
+  const failoverRuns = opts.skipFailover ? 0 : opts.runs
+  // Watchdog: generous, but finite. A chain level adds up to 3 x 30 s of start-up and 30 s of
+  // convergence to a single-server level; a failover run is bounded by its waits (chain start,
+  // convergence, the fault, SIGCONT and rejoin, stop) at well under 4 minutes.
+  const budgetMs = 10 * 60_000 +
+    levels.length * (opts.duration + opts.warmup + 120) * 1000 +
+    chainLevels.length * (opts.duration + opts.warmup + 240) * 1000 +
+    failoverRuns * 2 * 240_000 +
+    (opts.skipRestart ? 0 : (opts.runs + 1) * 600_000 + 5 * 60_000) // each start may take up to 600 s
   setTimeout(() => {
     process.stderr.write(`bench: watchdog: still running after ${Math.round(budgetMs / 1000)} s, giving up\n`)
     process.exit(1)
   }, budgetMs).unref()
 
   const cpus = os.cpus()
+  const loadavg = (): string => os.loadavg().map(x => x.toFixed(2)).join(' ')
   console.log('chainchat benchmark')
-  console.log(`node ${process.version} | ${cpus.length} CPUs (${cpus[0]?.model ?? 'unknown'}) | ${os.platform()} ${os.release()} | ${new Date().toISOString()} | load average ${os.loadavg().map(x => x.toFixed(2)).join(' ')}`)
+  console.log(`node ${process.version} | ${cpus.length} CPUs (${cpus[0]?.model ?? 'unknown'}) | ${os.platform()} ${os.release()} | ${new Date().toISOString()} | load average ${loadavg()}`)
   console.log(`data in ${os.tmpdir()} | load: ${opts.workers === 0 ? 'main thread' : `${opts.workers} worker thread(s)`} | recipients: ${opts.push ? 'logged-in clients (push + mark_read)' : 'registered, offline users'}`)
+  if (chainLevels.length > 0 || failoverRuns > 0) {
+    console.log(`chain: three server processes on 127.0.0.1, fresh ports and data dirs per chain, server defaults --heartbeat-ms ${limits.heartbeatMs} --failure-timeout-ms ${limits.failureTimeoutMs} (not passed; lib/limits.ts)`)
+  }
   console.log()
 
   const bar: string[] = []
-  if (levels.length > 0) {
-    // One fresh server and data directory per level: every level starts from the same empty log
-    // and state, so a level never pays for snapshots or compaction triggered by the records an
-    // earlier level wrote, and the levels are independent of their order. The price is
-    // registering and logging in users again (a scrypt each), which happens before the clock
+  if (levels.length > 0 || chainLevels.length > 0) {
+    // One fresh server (or chain) and data directory per level: every level starts from the same
+    // empty log and state, so a level never pays for snapshots or compaction triggered by the
+    // records an earlier level wrote, and the levels are independent of their order. The price
+    // is registering and logging in users again (a scrypt each), which happens before the clock
     // starts.
     //
     // Load generation: by default all clients run in the bench's main thread (--workers 0).
@@ -595,28 +948,87 @@ async function main (): Promise<void> {
     // gain (differences were within the run-to-run noise) and take CPU the server could use.
     // `--workers 1|2` splits the clients over worker threads, to check again elsewhere; the CPU
     // table shows who was busy (server, bench, everything else on the machine).
-    console.log(`throughput: closed loop, ${opts.warmup} s warm-up (discarded) + ${opts.duration} s measured per level, fresh server per level`)
-    const results: LevelResult[] = []
-    for (const n of levels) {
-      const r = await runLevel(n, opts)
-      results.push(r)
-      process.stderr.write(`bench: ${n} clients done (setup ${f1(r.setupMs / 1000)} s)\n`)
+    //
+    // The chain: three processes on this one machine, so the chain's CPU is shared by three
+    // servers plus the bench; on 2 cores, the chain table measures a CPU-bound setup, not three
+    // machines. Its clients are the library's failover clients given all three servers: they
+    // find the primary themselves and would follow a failover (none is caused here).
+    console.log(`throughput: closed loop, ${opts.warmup} s warm-up (discarded) + ${opts.duration} s measured per level, fresh server (or chain) per level`)
+    // Interleaved (single 1, chain 1, single 16, chain 16, ...): on a shared machine whose load
+    // drifts, the two figures for a client count are then taken close together in time.
+    const single: LevelResult[] = []
+    const chained: LevelResult[] = []
+    for (const n of [...new Set([...levels, ...chainLevels])]) {
+      for (const kind of ['single', 'chain'] as const) {
+        if (!(kind === 'single' ? levels : chainLevels).includes(n)) continue
+        const r = await runLevel(n, opts, kind)
+        if (kind === 'single') single.push(r)
+        else chained.push(r)
+        process.stderr.write(`bench: ${kind === 'single' ? 'single server' : 'chain'}, ${n} clients done (setup ${f1(r.setupMs / 1000)} s)\n`)
+      }
     }
-    console.log(table(['clients', 'ops/s', 'p50 ms', 'p99 ms', 'errors'],
-      results.map(r => [String(r.clients), int(r.opsPerSec), f3(r.p50), f3(r.p99), String(r.errors)]),
-      [true, true, true, true, true]))
-    console.log()
+    const throughput = (rs: LevelResult[]): string => table(['clients', 'ops/s', 'p50 ms', 'p99 ms', 'errors'],
+      rs.map(r => [String(r.clients), int(r.opsPerSec), f3(r.p50), f3(r.p99), String(r.errors)]),
+      [true, true, true, true, true])
+    if (single.length > 0) {
+      console.log('single server:')
+      console.log(throughput(single))
+      console.log()
+    }
+    if (chained.length > 0) {
+      console.log('three-server chain (primary -> backup -> tail; an ack means fsync\'d on all three):')
+      console.log(throughput(chained))
+      console.log()
+    }
     const pct = (x: number | null): string => x === null ? '-' : `${Math.round(x * 100)}%`
     console.log(`CPU during each level, in % of one core (${cpus.length} cores in all; 'other' is every other process on the machine):`)
-    console.log(table(['clients', 'max ms', 'server CPU', 'bench CPU', 'other CPU'],
-      results.map(r => [String(r.clients), f1(r.max), pct(r.serverCpu), pct(r.benchCpu), pct(r.otherCpu)]),
-      [true, true, true, true, true]))
-    for (const r of results) if (r.firstError) console.log(`first error at ${r.clients} clients: ${r.firstError}`)
+    const cpuRows = (label: string, rs: LevelResult[]): string[][] => rs.map(r => [label, String(r.clients), f1(r.max),
+      r.memberCpu.length > 1 ? `${pct(r.serverCpu)} (${r.memberCpu.map(pct).join(' + ')})` : pct(r.serverCpu), pct(r.benchCpu), pct(r.otherCpu)])
+    console.log(table(['setup', 'clients', 'max ms', 'server CPU (chain: primary + backup + tail)', 'bench CPU', 'other CPU'],
+      [...cpuRows('single', single), ...cpuRows('chain', chained)],
+      [false, true, true, true, true, true]))
+    for (const r of single) if (r.firstError) console.log(`first error at ${r.clients} clients, single server: ${r.firstError}`)
+    for (const r of chained) if (r.firstError) console.log(`first error at ${r.clients} clients, chain: ${r.firstError}`)
+    for (const r of chained) if (r.note) console.log(`note at ${r.clients} clients, chain: ${r.note}`)
     console.log()
-    const at64 = results.find(r => r.clients === 64)
-    const at1 = results.find(r => r.clients === 1)
+    const at64 = single.find(r => r.clients === 64)
+    const at1 = single.find(r => r.clients === 1)
     if (at64) bar.push(`>= 35,000 ops/s at 64 clients: ${int(at64.opsPerSec)} -> ${at64.opsPerSec >= 35_000 ? 'PASS' : 'MISS'}`)
     if (at1) bar.push(`p50 <= 0.4 ms at 1 client: ${f3(at1.p50)} ms -> ${at1.p50 <= 0.4 ? 'PASS' : 'MISS'}`)
+  }
+
+  if (failoverRuns > 0) {
+    // A fresh chain per run, so every run starts from the same three-member configuration with
+    // the lowest port as primary. The client is the library with all three servers and its
+    // defaults (--liveness-ms overrides livenessTimeoutMs): what an application gets. Times are
+    // on the client's clock from just before kill(2); the server-log columns come from the
+    // members' JSON log timestamps (wall clock, 1 ms resolution) against Date.now() at the
+    // signal. SIGKILL closes the primary's sockets at once, so peers and the client see the
+    // loss immediately; SIGSTOP leaves them open, so the loss is found by timeouts: the
+    // servers' --failure-timeout-ms and the client's livenessTimeoutMs.
+    const liveness = opts.livenessMs === null ? 'library default' : `${opts.livenessMs} ms (--liveness-ms)`
+    console.log(`failover: one client (library, all three servers, livenessTimeoutMs ${liveness}, other options default) sending back to back; the primary is signalled; fresh chain per run, ${failoverRuns} run(s) per fault`)
+    console.log(`server failure timeout: ${limits.failureTimeoutMs} ms (heartbeat ${limits.heartbeatMs} ms), the server defaults`)
+    const runs: FailoverRun[] = []
+    for (const fault of ['SIGKILL', 'SIGSTOP'] as const) {
+      for (let k = 0; k < failoverRuns; k++) {
+        const r = await failoverRun(fault, opts.livenessMs)
+        runs.push(r)
+        process.stderr.write(`bench: ${fault} run ${k + 1}: ${f1(r.ms)} ms\n`)
+      }
+    }
+    const ms = (x: number | null): string => x === null ? '-' : f1(x)
+    console.log(table(['fault', 'run', 'to first ack at new primary ms', 'client noticed ms', 'client reconnected (after re-login) ms', 'survivor logged peer lost ms', 'new primary took over ms', 'login ms (before)', 'failed sends', 'new primary (role, epoch)', 'rejoined after SIGCONT ms'],
+      runs.map((r, k) => [`${r.fault} primary`, String(k % failoverRuns + 1), f1(r.ms), ms(r.lossMs), ms(r.reconnectedMs), ms(r.detectMs), ms(r.takeoverMs), f1(r.loginMs), String(r.errors),
+        `${r.newPrimary} (${r.newRole}, ${r.epochs[0]} -> ${r.epochs[1]})`, r.fault === 'SIGSTOP' ? (r.rejoinMs === null ? 'not in 30 s' : f1(r.rejoinMs)) : 'n/a']),
+      [false, true, true, true, true, true, true, true, true, false, true]))
+    for (const fault of ['SIGKILL', 'SIGSTOP'] as const) {
+      const rs = runs.filter(r => r.fault === fault)
+      const reasons = [...new Set(rs.map(r => r.lossReason?.replaceAll(r.oldPrimary, 'the old primary') ?? '-'))].join('; ')
+      console.log(`${fault} of the primary: ${rs.map(r => f1(r.ms)).join(', ')} ms -> median ${f1(median(rs.map(r => r.ms)))} ms (server failure timeout ${limits.failureTimeoutMs} ms; client noticed by: ${reasons})`)
+      for (const r of rs) if (r.firstError !== null) console.log(`  first failed send (${fault}): ${r.firstError}`)
+    }
+    console.log()
   }
 
   if (!opts.skipRestart) {
@@ -635,7 +1047,7 @@ async function main (): Promise<void> {
     console.log('bar:')
     for (const b of bar) console.log(`  ${b}`)
   }
-  console.log(`total bench time: ${f1((Date.now() - started) / 1000)} s`)
+  console.log(`total bench time: ${f1((Date.now() - started) / 1000)} s | load average at the end ${loadavg()}`)
 }
 
 try {

@@ -19,7 +19,8 @@ export interface Pair { user: string, to: string }
 
 export interface LoadSpec {
   kind: 'chainchat-load'
-  port: number
+  port: number // a single server
+  servers?: string[] // or, given, a chain: host:port of every member (the library's failover client)
   password: string
   pairs: Pair[]
   warmupMs: number
@@ -34,7 +35,7 @@ export interface LoadResult {
 }
 
 export interface LoggedIn {
-  clients: Array<{ client: ChatClient, to: string, user: string }>
+  clients: Array<{ client: ChatClient, to: string, user: string, gone: () => boolean }>
   close: () => void
 }
 
@@ -43,12 +44,30 @@ export async function connectAll (spec: LoadSpec): Promise<LoggedIn> {
   const opened: ChatClient[] = []
   const close = (): void => { for (const c of opened) c.close() }
   try {
-    const clients = await Promise.all(spec.pairs.map(async p => {
-      const client = await ChatClient.connect({ port: spec.port, connectTimeoutMs: 10_000, requestTimeoutMs: spec.requestTimeoutMs })
-      opened.push(client)
-      await client.login(p.user, spec.password)
-      return { client, to: p.to, user: p.user }
-    }))
+    // At most 16 logins at a time: each is a scrypt on the server's thread pool, and 64 at once
+    // on a busy machine can outlast requestTimeoutMs. This is set-up, before the clock starts.
+    const clients: LoggedIn['clients'] = new Array(spec.pairs.length)
+    let next = 0
+    let failing = false
+    const one = async (): Promise<void> => {
+      while (next < spec.pairs.length && !failing) {
+        const k = next++
+        const p = spec.pairs[k]
+        const target = spec.servers === undefined ? { port: spec.port } : { servers: spec.servers }
+        const client = await ChatClient.connect({ ...target, connectTimeoutMs: 10_000, requestTimeoutMs: spec.requestTimeoutMs })
+        opened.push(client)
+        // 'close' is the client giving up for good: the connection dropped (single server), or
+        // no primary was found in time (failover client), or close(). A failover client is
+        // briefly `closed` (no socket) while it reconnects, so that property is not the test.
+        let gone = false
+        client.once('close', () => { gone = true })
+        await client.login(p.user, spec.password).catch((e: unknown) => { failing = true; throw e })
+        clients[k] = { client, to: p.to, user: p.user, gone: () => gone }
+      }
+    }
+    const settled = await Promise.allSettled(Array.from({ length: Math.min(16, spec.pairs.length) }, one))
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected')
+    if (failed !== undefined) throw failed.reason
     return { clients, close }
   } catch (e) {
     close()
@@ -89,7 +108,7 @@ export async function runLoad (li: LoggedIn, t0: bigint, warmupMs: number, durat
           errors++
           firstError ??= `${c.user}: ${(e as Error).message}`
         }
-        if (c.client.closed) return // would fail at once, again and again
+        if (c.gone()) return // would fail at once, again and again
       }
     }
   }
