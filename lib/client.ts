@@ -44,7 +44,7 @@ export interface ClientOptions {
   failoverTimeoutMs?: number // how long to keep looking for a primary (default 20 s)
   reconnect?: boolean // default: true when several servers are given
   // With failover: a server that has sent nothing for this long while a request waits is
-  // presumed dead or paused, and the client moves on (default 3 s).
+  // presumed dead or paused, and the client moves on (default 2 s).
   livenessTimeoutMs?: number
 }
 
@@ -151,27 +151,41 @@ export class ChatClient extends EventEmitter {
   get closed (): boolean { return this.closedByUser || this.socket === null }
   private get failover (): boolean { return this.opts.reconnect ?? this.servers.length > 1 }
 
-  // Try every server until one that serves clients answers; follow NOT_PRIMARY hints.
+  // Ask every server at once and take the first that serves clients, so a paused or dead
+  // server costs nothing while another answers. A primary named in a NOT_PRIMARY reply (or by a
+  // backup's status) is asked too, even if it was not in the list.
   private async findPrimary (): Promise<void> {
     const deadline = Date.now() + (this.opts.failoverTimeoutMs ?? (this.failover ? 20_000 : 0))
     const attemptMs = this.opts.connectTimeoutMs ?? 2000
     let lastError: unknown = null
     for (let round = 0; ; round++) {
-      const order = this.preferred ? [this.preferred, ...this.servers.filter(s => s !== this.preferred)] : this.servers
-      for (const addr of order) {
-        if (this.closedByUser) throw new ConnectionLostError('client closed')
-        try {
-          const { socket, status } = await probe(addr, attemptMs)
-          if (status.ok === true && (status.role === 'primary' || status.role === 'single' || status.role === undefined)) {
-            this.attach(socket, addr)
-            return
-          }
-          socket.destroy()
-          if (typeof status.primary === 'string' && status.primary !== addr && this.servers.length > 0) this.preferred = status.primary
-          lastError = new Error(`${addr} is ${String(status.role)}`)
-        } catch (e) {
-          lastError = e
+      if (this.closedByUser) throw new ConnectionLostError('client closed')
+      const candidates = [...new Set([...(this.preferred ? [this.preferred] : []), ...this.servers])]
+      const found = await new Promise<{ socket: net.Socket, addr: string } | null>(resolve => {
+        let open = candidates.length
+        let done = false
+        for (const addr of candidates) {
+          probe(addr, attemptMs).then(({ socket, status }) => {
+            if (done || this.closedByUser) {
+              socket.destroy()
+              return
+            }
+            if (status.ok === true && (status.role === 'primary' || status.role === 'single' || status.role === undefined)) {
+              done = true
+              resolve({ socket, addr })
+              return
+            }
+            socket.destroy()
+            if (typeof status.primary === 'string' && status.primary !== addr) this.preferred = status.primary
+            lastError = new Error(`${addr} is ${String(status.role)}`)
+          }, e => { lastError = e }).finally(() => {
+            if (--open === 0 && !done) resolve(null)
+          })
         }
+      })
+      if (found) {
+        this.attach(found.socket, found.addr)
+        return
       }
       if (Date.now() >= deadline) throw lastError instanceof Error ? lastError : new Error('no server reachable')
       await sleep(Math.min(50 * 2 ** round, 500))
@@ -186,7 +200,7 @@ export class ChatClient extends EventEmitter {
     socket.on('data', () => { this.lastHeard = Date.now() })
     socket.pipe(split2()).on('data', (line: string) => this.onLine(line))
     if (this.failover && !this.livenessTimer) {
-      const limit = this.opts.livenessTimeoutMs ?? 3000
+      const limit = this.opts.livenessTimeoutMs ?? 2000
       this.livenessTimer = setInterval(() => {
         if (this.socket && !this.reconnecting && this.pending.size > 0 && Date.now() - this.lastHeard > limit) {
           this.reconnect(`no answer from ${this.address} for ${limit} ms`)
