@@ -8,6 +8,7 @@ import { Writable } from 'node:stream'
 import { parseArgs } from 'node:util'
 import { ChatClient, RequestError, type Message } from '../client.ts'
 import { userPattern, userPatternText } from '../protocol.ts'
+import { UsageError } from '../config.ts'
 
 const defaultServers = '127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003' // what `npm start` runs
 // While the first connection is sought: after this long without a primary, say that we are waiting.
@@ -26,14 +27,6 @@ export const usage = `usage: chainchat [--server host:port[,host:port...]]
 Once connected, /help lists the commands.
 `
 
-// ---- flags ------------------------------------------------------------------------------------
-
-export class UsageError extends Error {
-  constructor (message: string) {
-    super(message)
-    this.name = 'UsageError'
-  }
-}
 
 export interface ServerAddress { host: string, port: number }
 

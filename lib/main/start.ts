@@ -12,6 +12,7 @@ import path from 'node:path'
 import readline from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
+import { UsageError } from '../config.ts'
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
 const serverBin = path.join(root, 'bin/server.js')
@@ -43,13 +44,6 @@ shows their logs, and restarts a member that dies. Ctrl-C stops all three.
   --data <dir>     data directory: the member on port P keeps its data in <dir>/P (default ./data)
   -h, --help       show this help
 `
-
-export class UsageError extends Error {
-  constructor (message: string) {
-    super(message)
-    this.name = 'UsageError'
-  }
-}
 
 export interface StartFlags { basePort: number, data: string, help: boolean }
 

@@ -6,6 +6,7 @@
 
 import net from 'node:net'
 import { parseArgs } from 'node:util'
+import { UsageError } from '../config.ts'
 
 const timeoutMs = 1000 // per member: connect, ask, read the reply
 const maxMembers = 64 // stop discovering after this many (a chain is a handful)
@@ -27,13 +28,6 @@ exits 1.
 Digest marks: = same as the primary's, ~ differs but at another index (lagging),
 ! differs at the same index (the states diverged). CLIENTS counts this tool's own connection.
 `
-
-export class UsageError extends Error {
-  constructor (message: string) {
-    super(message)
-    this.name = 'UsageError'
-  }
-}
 
 export interface StatusFlags { addrs: string[], watch: boolean, intervalMs: number, json: boolean, help: boolean }
 
