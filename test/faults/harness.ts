@@ -17,6 +17,7 @@ export interface RunOptions {
   durationMs: number
   clients: number
   switchUser?: 'login' | 'reconnect' // see WorkloadOptions
+  snapshotEvery?: number // --snapshot-every-records for the servers (default: the server's own)
   t: Teardown
   log?: (line: string) => void
   hooks?: FaultHooks
@@ -28,6 +29,7 @@ export interface RunResult {
   durationMs: number
   clients: number
   switchUser: 'login' | 'reconnect'
+  snapshotEvery: number | null
   elapsedMs: number
   schedule: Step[]
   faults: Record<string, number>
@@ -69,7 +71,7 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
   const schedule = makeSchedule(opts.seed, opts.durationMs)
   log(`seed ${opts.seed}: ${schedule.length} faults scheduled over ${opts.durationMs / 1000} s, ${opts.clients} clients`)
 
-  const chain = await Chain.create(opts.t)
+  const chain = await Chain.create(opts.t, { args: opts.snapshotEvery ? ['--snapshot-every-records', String(opts.snapshotEvery)] : [] })
   await chain.startAll()
   await chain.waitConverged(3, 30_000)
   h.event('ready', `chain ${chain.servers.join(', ')} converged`)
@@ -81,7 +83,14 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
   const workload = new Workload({ seed: opts.seed, clients: opts.clients, servers: chain.servers, durationMs: opts.durationMs, h, switchUser: opts.switchUser ?? 'login' })
   workload.start()
   const deadline = Date.now() + opts.durationMs
-  await nemesis.run(schedule, deadline, () => false)
+  let harnessError: string | null = null
+  try {
+    await nemesis.run(schedule, deadline, () => false)
+  } catch (e) {
+    // A fault that could not be carried out: say so, and still heal and check what happened.
+    harnessError = String((e as Error)?.stack ?? e)
+    h.event('nemesis-error', harnessError.split('\n')[0])
+  }
   while (Date.now() < deadline) await sleep(Math.min(200, deadline - Date.now()))
 
   // Heal while the clients still run, so requests waiting for a primary can finish; then stop
@@ -98,14 +107,16 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
 
   let final: FinalState | null = null
   let collectError: string | null = null
-  if (converged) {
-    try {
-      final = await collectFinal(chain, h)
-    } catch (e) {
-      collectError = String((e as Error).message)
-    }
+  // Even without convergence, a serving primary's state can be checked for lost writes.
+  try {
+    final = await collectFinal(chain, h)
+  } catch (e) {
+    collectError = String((e as Error).message)
   }
   log(`seed ${opts.seed}: final state read at ${(h.now() / 1000).toFixed(1)} s`)
+  // Without convergence, what the members said about it is the best clue.
+  const serverLogs: Record<string, string> = {}
+  if (!converged) for (const [k, m] of chain.members.entries()) if (m.proc) serverLogs[`m${k} ${m.addr} pid ${m.proc.pid}`] = m.proc.stderr().slice(-30_000)
   // Stop the members together (SIGTERM, so a coverage run gets their coverage; SIGKILL if one
   // hangs) rather than one by one in the teardown.
   await Promise.all(chain.members.map(async m => {
@@ -116,10 +127,14 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
     clearTimeout(timer)
     m.proc = null
   }))
-  const result = check({ h, final, converged: converged && final !== null, unexpectedExits: nemesis.unexpectedExits, restartFailures: nemesis.stats.restartFailures })
+  const result = check({ h, final, converged, unexpectedExits: nemesis.unexpectedExits, restartFailures: nemesis.stats.restartFailures })
   if (collectError) {
     result.anomalies.unshift({ kind: 'no-final-state', message: `could not read the final state: ${collectError}`, subject: {} })
     result.counts['no-final-state'] = 1
+  }
+  if (harnessError) {
+    result.anomalies.unshift({ kind: 'nemesis-error', message: `the nemesis failed: ${harnessError}`, subject: {} })
+    result.counts['nemesis-error'] = 1
   }
 
   const ops: RunResult['ops'] = {}
@@ -132,15 +147,16 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
   const notes = [...h.notes, ...result.notes]
   if (nemesis.stats.unsettled > 0) notes.push(`${nemesis.stats.unsettled} faults began before the chain had converged (15 s wait)`)
   let historyFile: string | null = opts.historyFile ?? null
-  if (historyFile === null && result.anomalies.length > 0) historyFile = path.join(os.tmpdir(), `chainchat-faults-seed${opts.seed}-${Date.now()}.json`)
+  if (historyFile === null && (result.anomalies.length > 0 || !converged)) historyFile = path.join(os.tmpdir(), `chainchat-faults-seed${opts.seed}-${Date.now()}.json`)
   if (historyFile) {
-    fs.writeFileSync(historyFile, JSON.stringify({ seed: opts.seed, durationMs: opts.durationMs, clients: opts.clients, schedule: schedule.map(s => ({ ...s, text: describeFault(s.fault) })), anomalyCounts: result.counts, anomalies: result.anomalies, history: h.toJSON() }, null, 1))
+    fs.writeFileSync(historyFile, JSON.stringify({ seed: opts.seed, durationMs: opts.durationMs, clients: opts.clients, schedule: schedule.map(s => ({ ...s, text: describeFault(s.fault) })), anomalyCounts: result.counts, anomalies: result.anomalies, serverLogs, history: h.toJSON() }, null, 1))
   }
   return {
     seed: opts.seed,
     durationMs: opts.durationMs,
     clients: opts.clients,
     switchUser: opts.switchUser ?? 'login',
+    snapshotEvery: opts.snapshotEvery ?? null,
     elapsedMs: Date.now() - started,
     schedule,
     faults: { ...nemesis.stats.injected },
@@ -165,7 +181,7 @@ function totals (r: RunResult): { ok: number, fail: number, unknown: number } {
 }
 
 export function reproduce (r: RunResult): string {
-  return `npm run test:faults -- --seed ${r.seed} --duration ${r.durationMs / 1000} --clients ${r.clients}${r.switchUser === 'reconnect' ? ' --switch-user reconnect' : ''}`
+  return `npm run test:faults -- --seed ${r.seed} --duration ${r.durationMs / 1000} --clients ${r.clients}${r.switchUser === 'reconnect' ? ' --switch-user reconnect' : ''}${r.snapshotEvery ? ` --snapshot-every ${r.snapshotEvery}` : ''}`
 }
 
 export function anomalyTotal (r: RunResult): number {

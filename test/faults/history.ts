@@ -213,6 +213,10 @@ export function excerpt (h: History, subject: Subject, maxLines = 40): string[] 
   if (lines.length > 0) {
     for (const e of h.events) if (e.t >= lo - 3000 && e.t <= hi + 3000) lines.push({ t: e.t, s: describeEvent(e) })
     for (const e of h.clientEvents) if (clients.has(e.client) && e.t >= lo - 3000 && e.t <= hi + 1000) lines.push({ t: e.t, s: describeClientEvent(e) })
+    // Who the involved clients logged in as, just before and during.
+    for (const op of h.ops) {
+      if (op.kind === 'login' && clients.has(op.client) && !touches(op) && (op.end < 0 || op.end >= lo - 5000) && op.start <= hi) lines.push({ t: op.start, s: describeOp(op) })
+    }
   }
   lines.sort((a, b) => a.t - b.t)
   const out = lines.map(l => l.s)

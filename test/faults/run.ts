@@ -1,7 +1,8 @@
 // The long fault runs, outside tap:
 //
 //   npm run test:faults -- [--seed N] [--duration SECONDS] [--clients N] [--runs K]
-//                          [--switch-user login|reconnect] [--history FILE] [--verbose]
+//                          [--switch-user login|reconnect] [--snapshot-every N]
+//                          [--history FILE] [--verbose]
 //
 // --seed      the seed of the first run (default: random, printed); the same seed gives the same
 //             fault schedule and workload plan
@@ -11,6 +12,9 @@
 // --switch-user login|reconnect
 //             how a client changes user: login again on the same connection (default), or
 //             close it and log in on a new one
+// --snapshot-every N
+//             the servers snapshot (and drop the log) every N records, so catching up from a
+//             snapshot is part of the run (default: the server's default, 100,000)
 // --history   write the whole history of the (last) run to FILE as JSON
 // --verbose   print the fault schedule and the notes (non-anomalies worth knowing)
 //
@@ -29,6 +33,7 @@ const { values } = parseArgs({
     runs: { type: 'string', default: '1' },
     history: { type: 'string' },
     'switch-user': { type: 'string', default: 'login' },
+    'snapshot-every': { type: 'string' },
     verbose: { type: 'boolean', default: false }
   }
 })
@@ -46,6 +51,7 @@ const seed = values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : i
 const durationS = int('duration', values.duration, 5, 24 * 3600)
 const clients = int('clients', values.clients, 1, 64)
 const runs = int('runs', values.runs, 1, 1000)
+const snapshotEvery = values['snapshot-every'] === undefined ? undefined : int('snapshot-every', values['snapshot-every'], 1, 1e9)
 const switchUser = values['switch-user']
 if (switchUser !== 'login' && switchUser !== 'reconnect') {
   console.error('--switch-user must be login or reconnect')
@@ -66,7 +72,7 @@ const results: RunResult[] = []
 for (let k = 0; k < runs; k++) {
   const s = (seed + k) >>> 0
   const log = (line: string): void => console.log(`[${new Date().toISOString().slice(11, 19)}] ${line}`)
-  const r = await runFaults({ seed: s, durationMs: durationS * 1000, clients, switchUser, t, log, historyFile: values.history })
+  const r = await runFaults({ seed: s, durationMs: durationS * 1000, clients, switchUser, snapshotEvery, t, log, historyFile: values.history })
   await cleanup()
   results.push(r)
   if (values.verbose) {
