@@ -211,11 +211,15 @@ export function excerpt (h: History, subject: Subject, maxLines = 40): string[] 
     hi = Math.max(hi, p.t)
   }
   if (lines.length > 0) {
-    for (const e of h.events) if (e.t >= lo - 3000 && e.t <= hi + 3000) lines.push({ t: e.t, s: describeEvent(e) })
-    for (const e of h.clientEvents) if (clients.has(e.client) && e.t >= lo - 3000 && e.t <= hi + 1000) lines.push({ t: e.t, s: describeClientEvent(e) })
-    // Who the involved clients logged in as, just before and during.
+    // Around each operation on the subject: the faults, what its client went through, and who it
+    // had logged in as shortly before.
+    const acts = h.ops.filter(touches)
+    const near = (t: number, client?: number): boolean => acts.some(x => (client === undefined || x.client === client) && t >= x.start - 3000 && t <= (x.end < 0 ? x.start : x.end) + 1000)
+    for (const e of h.events) if (near(e.t) || (lo === hi && e.t >= lo - 3000 && e.t <= hi + 1000)) lines.push({ t: e.t, s: describeEvent(e) })
+    for (const e of h.clientEvents) if (clients.has(e.client) && near(e.t, e.client)) lines.push({ t: e.t, s: describeClientEvent(e) })
     for (const op of h.ops) {
-      if (op.kind === 'login' && clients.has(op.client) && !touches(op) && (op.end < 0 || op.end >= lo - 5000) && op.start <= hi) lines.push({ t: op.start, s: describeOp(op) })
+      if (op.kind !== 'login' || touches(op) || !clients.has(op.client)) continue
+      if (acts.some(x => x.client === op.client && op.start <= x.start && (op.end < 0 || op.end >= x.start - 3000))) lines.push({ t: op.start, s: describeOp(op) })
     }
   }
   lines.sort((a, b) => a.t - b.t)
