@@ -61,6 +61,7 @@ interface Pending {
   id: number
   line: string
   op: string
+  internal: boolean // a re-login made by reconnect(): never re-sent, replaced by the next one
   resolve: (v: Record<string, unknown>) => void
   reject: (e: Error) => void
   timer: NodeJS.Timeout
@@ -134,6 +135,7 @@ export class ChatClient extends EventEmitter {
   private readonly servers: string[]
   private preferred: string | null = null // the primary a NOT_PRIMARY named
   private lastHeard = 0
+  private reconnectAgain = false
   private livenessTimer: NodeJS.Timeout | null = null
   address = ''
 
@@ -215,6 +217,8 @@ export class ChatClient extends EventEmitter {
     socket.on('close', () => {
       if (this.socket !== socket) return
       this.socket = null
+      if (this.reconnecting) this.reconnectAgain = true
+      this.dropInternal()
       this.lost('connection closed')
     })
   }
@@ -233,39 +237,61 @@ export class ChatClient extends EventEmitter {
     this.reconnect(reason)
   }
 
-  // Find the primary again, log back in, and re-send everything still pending.
+  // Find the primary again, log back in, and re-send everything still pending, in order. The
+  // reconnect counts as in progress until all of that is written: if the connection drops again
+  // meanwhile, the whole sequence starts over, so an old re-login can never land after a newer
+  // login of the user's own.
   private reconnect (reason: string): void {
-    if (this.reconnecting) return
+    if (this.reconnecting) {
+      this.reconnectAgain = true
+      return
+    }
     this.emit('reconnecting', reason)
     this.socket?.destroy()
     this.socket = null
     this.reconnecting = (async () => {
-      try {
-        await this.findPrimary()
-      } catch (e) {
-        this.reconnecting = null
-        for (const p of this.pending.values()) {
-          clearTimeout(p.timer)
-          p.reject(new ConnectionLostError(`no primary reachable: ${(e as Error).message}`))
-        }
-        this.pending.clear()
-        this.closedByUser = true
-        if (this.livenessTimer) clearInterval(this.livenessTimer)
-        this.emit('close')
-        return
-      }
-      const resend = [...this.pending.values()].sort((a, b) => a.id - b.id)
-      this.reconnecting = null
-      if (this.credentials) {
+      for (;;) {
+        this.reconnectAgain = false
+        this.dropInternal()
         try {
-          await this.request('login', { ...this.credentials })
+          await this.findPrimary()
         } catch (e) {
-          this.emit('relogin_failed', e)
+          this.reconnecting = null
+          for (const p of this.pending.values()) {
+            clearTimeout(p.timer)
+            p.reject(new ConnectionLostError(`no primary reachable: ${(e as Error).message}`))
+          }
+          this.pending.clear()
+          this.closedByUser = true
+          if (this.livenessTimer) clearInterval(this.livenessTimer)
+          this.emit('close')
+          return
         }
+        if (this.credentials) {
+          try {
+            await this.dispatch('login', { ...this.credentials }, true)
+          } catch (e) {
+            if (this.reconnectAgain || !this.socket) continue
+            this.emit('relogin_failed', e)
+          }
+        }
+        if (this.reconnectAgain || !this.socket) continue
+        for (const p of [...this.pending.values()].sort((a, b) => a.id - b.id)) if (!p.internal) this.socket.write(p.line)
+        break
       }
-      for (const p of resend) if (this.pending.has(p.id)) this.socket?.write(p.line)
+      this.reconnecting = null
       this.emit('reconnected', this.address)
     })()
+  }
+
+  // Abandon re-logins of an earlier reconnect attempt.
+  private dropInternal (): void {
+    for (const p of [...this.pending.values()]) {
+      if (!p.internal) continue
+      this.pending.delete(p.id)
+      clearTimeout(p.timer)
+      p.reject(new ConnectionLostError('superseded'))
+    }
   }
 
   private onLine (line: string): void {
@@ -285,8 +311,15 @@ export class ChatClient extends EventEmitter {
     if (!p) return
     const err = (msg.error ?? {}) as { code?: string, message?: string, primary?: string }
     if (msg.ok !== true && this.failover && err.code !== undefined && retryCodes.has(err.code)) {
-      // Nothing was applied: ask the primary instead, once it is found.
+      // Nothing was applied: ask the primary instead, once it is found. A re-login fails at once,
+      // so the reconnect that sent it starts over.
       if (err.code === 'NOT_PRIMARY' && typeof err.primary === 'string') this.preferred = err.primary
+      if (p.internal) {
+        this.pending.delete(p.id)
+        clearTimeout(p.timer)
+        p.reject(new RequestError(err.code, err.message ?? 'retry', msg))
+        this.reconnectAgain = true
+      }
       setTimeout(() => this.reconnect(err.code!), err.code === 'NOT_PRIMARY' ? 0 : 100)
       return
     }
@@ -298,6 +331,10 @@ export class ChatClient extends EventEmitter {
 
   // Send any request. Mutating ops get a fresh rid unless the caller supplies one.
   request (op: string, fields: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
+    return this.dispatch(op, fields, false)
+  }
+
+  private dispatch (op: string, fields: Record<string, unknown>, internal: boolean): Promise<Record<string, unknown>> {
     if (this.closedByUser) return Promise.reject(new ConnectionLostError('client closed'))
     if (!this.socket && !this.reconnecting && !this.failover) return Promise.reject(new ConnectionLostError('not connected'))
     const id = this.nextId++
@@ -310,8 +347,9 @@ export class ChatClient extends EventEmitter {
         this.pending.delete(id)
         reject(new Error(`${op}: no reply within ${timeoutMs} ms`))
       }, timeoutMs)
-      this.pending.set(id, { id, line, op, resolve, reject, timer })
-      if (this.socket && !this.reconnecting) this.socket.write(line)
+      this.pending.set(id, { id, line, op, internal, resolve, reject, timer })
+      // While reconnecting, requests wait to be re-sent in order; the re-login goes first.
+      if (this.socket && (internal || !this.reconnecting)) this.socket.write(line)
     })
   }
 

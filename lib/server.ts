@@ -29,7 +29,8 @@ class Connection implements Session {
   private barrier: Promise<unknown> = Promise.resolve() // settles when earlier non-pipelined requests finish
   private unanswered = 0
   private blockedOnDrain = false
-  private closed = false
+  private closed = false // no more requests are read
+  private gone = false // the connection itself is closed
 
   constructor (private readonly stream: Duplex, private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly onClose: (c: Connection) => void) {
     // split2 bounds the unterminated remainder; complete lines are checked in onLine.
@@ -44,6 +45,7 @@ class Connection implements Session {
     stream.on('error', () => { /* 'close' follows */ })
     stream.on('close', () => {
       this.closed = true
+      this.gone = true
       this.onClose(this)
     })
   }
@@ -58,7 +60,12 @@ class Connection implements Session {
     let reply: Promise<[string | number | null | undefined, Reply | string]>
     try {
       const req = parseRequest(line)
-      const run = (): Promise<[typeof req.id, Reply]> => this.dispatcher.handle(this, req).then(r => [req.id, r])
+      // A request still queued when its connection closes is not run: its reply could not be
+      // delivered, and it would run without the session it was sent in (a rid filed under the
+      // wrong user, a login for a connection that is gone). Its client retries with the same rid.
+      const run = (): Promise<[typeof req.id, Reply]> => this.gone
+        ? Promise.resolve([req.id, { ok: false, error: errors.shuttingDown().toWire() } as Reply])
+        : this.dispatcher.handle(this, req).then(r => [req.id, r])
       if (this.dispatcher.isPipelined(req.op)) {
         reply = this.barrier.then(run)
       } else {

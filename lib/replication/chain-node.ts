@@ -109,6 +109,7 @@ class SuccessorLink {
   private disk: { iter: Generator<LogRecord[]>, next: number } | null = null // an ongoing read of older records
   private pumping = false
   private ready = false
+  private bulk = false // a snapshot was sent and not yet acknowledged
   private timer: NodeJS.Timeout | null = null
   closed = false
 
@@ -125,7 +126,8 @@ class SuccessorLink {
   private tick (): void {
     // A learner may be busy installing a large snapshot: it is not in the write path, so it
     // gets a longer leash.
-    const limit = this.node.opts.failureTimeoutMs * (this.learner ? 10 : 1)
+    // So may a member receiving a snapshot, until it acknowledges again.
+    const limit = this.node.opts.failureTimeoutMs * (this.learner || this.bulk ? 10 : 1)
     if (Date.now() - this.peer.lastHeard > limit) {
       this.fail('heartbeats missed')
       return
@@ -142,6 +144,7 @@ class SuccessorLink {
         this.pump()
         return
       case 'ack':
+        this.bulk = false
         // A learner's acks are also its heartbeat replies: each one may show it caught up, even
         // when no writes are flowing.
         if (Number(m.index) > this.acked || this.learner) {
@@ -205,6 +208,7 @@ class SuccessorLink {
   private async sendSnapshot (): Promise<void> {
     const st = this.node.state
     this.node.opts.log('info', 'sending a snapshot to catch a peer up', { peer: this.target, index: st.index })
+    this.bulk = true
     const chunks = [...st.snapshotChunks()]
     for (let k = 0; k < chunks.length; k += 50) {
       this.peer.send({ t: 'snapshot', epoch: this.node.epoch, chunks: chunks.slice(k, k + 50), done: k + 50 >= chunks.length })
@@ -250,6 +254,7 @@ export class ChainNode {
   private reconfiguring = false
   private ackedUp = 0 // the last index acknowledged to the current predecessor
   private progressLoggedAt = 0
+  private snapshotInstalledAt = 0
   commitIndex = 0
 
   constructor (opts: ChainOptions, state: ChatState, unapplied: LogRecord[], meta: Meta | null) {
@@ -811,8 +816,10 @@ export class ChainNode {
     peer.on('message', (msg: PeerMessage) => this.onPredMessage(peer, msg))
     peer.on('close', () => this.onPredecessorLost(peer, 'link closed'))
     this.predTimer = setInterval(() => {
-      // A learner's predecessor may be busy sending a large snapshot: a longer leash.
-      if (Date.now() - peer.lastHeard > this.opts.failureTimeoutMs * (this.role === 'joining' ? 10 : 1)) {
+      // A learner's predecessor may be busy sending a large snapshot, and so may ours while a
+      // snapshot comes in and is installed: a longer leash.
+      const bulk = this.role === 'joining' || this.snapshotChunks.length > 0 || Date.now() - this.snapshotInstalledAt < this.opts.failureTimeoutMs * 10
+      if (Date.now() - peer.lastHeard > this.opts.failureTimeoutMs * (bulk ? 10 : 1)) {
         peer.close()
       }
     }, this.opts.heartbeatMs)
@@ -841,6 +848,7 @@ export class ChainNode {
         this.snapshotChunks.push(...(m.chunks as Array<Record<string, unknown>>))
         if (m.done) {
           this.state = this.store.installSnapshot(this.snapshotChunks)
+          this.snapshotInstalledAt = Date.now()
           this.snapshotChunks = []
           this.unapplied = []
           this.recent.clear()
