@@ -80,12 +80,9 @@ for (const seed of seeds) {
       seed,
       durationMs,
       clients,
-      // TODO: switch to 'login' (a client changing user on its connection) once lib/client.ts
-      // keeps a failover's re-login from being re-sent after the user's own newer login (seen
-      // with `npm run test:faults -- --seed 2 --duration 20 --clients 10`: the connection ends
-      // up logged in as the previous user, so sends go out from the wrong account). Until then
-      // CHAINCHAT_FAULT_SWITCH_USER=login runs it that way.
-      switchUser: process.env.CHAINCHAT_FAULT_SWITCH_USER === 'login' ? 'login' : 'reconnect',
+      // Clients change user by logging in again on their connection (the full workload);
+      // CHAINCHAT_FAULT_SWITCH_USER=reconnect opens a new connection instead.
+      switchUser: process.env.CHAINCHAT_FAULT_SWITCH_USER === 'reconnect' ? 'reconnect' : 'login',
       // Snapshots (and log compaction) every 1000 records, so members also catch up from
       // snapshots within a short run.
       snapshotEvery: 1000,
