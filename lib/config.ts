@@ -31,6 +31,24 @@ export class UsageError extends Error {
   }
 }
 
+// Parse an executable's flags; on the user's mistake print it with the usage and exit 2; with
+// --help print the usage and return null (the caller then returns).
+export function flagsOrExit<F extends { help: boolean }> (program: string, text: string, parse: () => F): F | null {
+  let flags: F
+  try {
+    flags = parse()
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e
+    process.stderr.write(`${program}: ${e.message}\n\n${text}`)
+    process.exit(2)
+  }
+  if (flags.help) {
+    process.stdout.write(text)
+    return null
+  }
+  return flags
+}
+
 export const usage = `usage: chainchat-server --port <n> [options]
 
   --port <n>                   TCP port to listen on (0 picks a free one)

@@ -8,7 +8,7 @@ import { Writable } from 'node:stream'
 import { parseArgs } from 'node:util'
 import { ChatClient, RequestError, type Message } from '../client.ts'
 import { userPattern, userPatternText } from '../protocol.ts'
-import { UsageError } from '../config.ts'
+import { UsageError, flagsOrExit } from '../config.ts'
 
 const defaultServers = '127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003' // what `npm start` runs
 // While the first connection is sought: after this long without a primary, say that we are waiting.
@@ -600,18 +600,8 @@ function describeError (e: unknown): string {
 // ---- the executable ---------------------------------------------------------------------------
 
 export async function main (argv: string[]): Promise<void> {
-  let flags
-  try {
-    flags = parseFlags(argv)
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e
-    process.stderr.write(`chainchat: ${e.message}\n\n${usage}`)
-    process.exit(2)
-  }
-  if (flags.help) {
-    process.stdout.write(usage)
-    return
-  }
+  const flags = flagsOrExit('chainchat', usage, () => parseFlags(argv))
+  if (!flags) return
   const list = flags.servers.map(showAddress).join(', ')
   // With several servers the client keeps trying for a while (a chain may be electing a
   // primary); say so rather than sit silent.

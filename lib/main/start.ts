@@ -12,7 +12,7 @@ import path from 'node:path'
 import readline from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
-import { UsageError } from '../config.ts'
+import { UsageError, flagsOrExit } from '../config.ts'
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
 const serverBin = path.join(root, 'bin/server.js')
@@ -448,18 +448,8 @@ function queryStatus (port: number, timeoutMs: number): Promise<Status | null> {
 // ---- the executable ---------------------------------------------------------------------------
 
 export async function main (argv: string[]): Promise<void> {
-  let flags
-  try {
-    flags = parseFlags(argv)
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e
-    process.stderr.write(`start: ${e.message}\n\n${usage}`)
-    process.exit(2)
-  }
-  if (flags.help) {
-    process.stdout.write(usage)
-    return
-  }
+  const flags = flagsOrExit('start', usage, () => parseFlags(argv))
+  if (!flags) return
   const colour = process.stdout.isTTY === true && !process.env.NO_COLOR
   const chain = new LocalChain(flags, new Output(process.stdout, colour))
   for (const name of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(name, () => chain.signal(name))
