@@ -35,7 +35,7 @@ class Cli {
   // Run the CLI under `script`, which gives it a pseudo-terminal: readline's raw mode, echo
   // and redraws then happen as they would for a person at a terminal.
   static startInTerminal (t: Teardown, args: string[]): Cli {
-    const command = [process.execPath, chatBin, ...args].map(a => `'${a}'`).join(' ')
+    const command = 'exec ' + [process.execPath, chatBin, ...args].map(a => `'${a}'`).join(' ')
     return Cli.track(t, spawn('script', ['-qfec', command, '/dev/null'], { cwd: root, stdio: ['pipe', 'pipe', 'pipe'] }))
   }
 

@@ -218,7 +218,8 @@ t.test('--watch refreshes until Ctrl-C, in a pipe and in a terminal', async t =>
   t.match(out, /chain: .*\n\n\d\d:\d\d:\d\d {2}every 100 ms/)
 
   // A terminal (under `script`): the screen is cleared before each refresh; Ctrl-C exits 0.
-  const command = [process.execPath, statusBin, chain.peers, '--watch', '--interval-ms', '100'].map(x => `'${x}'`).join(' ')
+  // `exec`: a shell that stayed as the parent (dash does) would take the Ctrl-C's SIGINT itself.
+  const command = 'exec ' + [process.execPath, statusBin, chain.peers, '--watch', '--interval-ms', '100'].map(x => `'${x}'`).join(' ')
   const term = spawn('script', ['-qfec', command, '/dev/null'], { cwd: root, stdio: ['pipe', 'pipe', 'pipe'] })
   t.teardown(() => { if (term.exitCode === null && term.signalCode === null) term.kill('SIGKILL') })
   let screen = ''
