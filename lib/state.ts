@@ -44,21 +44,25 @@ export interface Applied {
 interface RidEntry {
   ts: number
   reply: Reply
-  hash: [number, number] // the entry's digest contribution, kept so eviction need not recompute it
+  hx: number // the entry's digest contribution, kept so eviction need not recompute it
+  hy: number
 }
+
+// A message as a mailbox holds it.
+export interface StoredMessage extends Message { read: boolean }
 
 // A user's messages, read and unread, in id order. Ids grow with the log index, so appending
 // keeps `ids` sorted and `unread` in insertion (= id) order.
 export class Mailbox {
   readonly ids: number[] = []
-  readonly byId = new Map<number, Message & { read: boolean }>()
+  readonly byId = new Map<number, StoredMessage>()
   readonly unread = new Set<number>()
 
-  add (m: Message, read: boolean): void {
+  add (m: StoredMessage): void {
     if (this.ids.length > 0 && this.ids[this.ids.length - 1] >= m.id) assert.fail('message ids must grow')
     this.ids.push(m.id)
-    this.byId.set(m.id, { id: m.id, from: m.from, to: m.to, text: m.text, ts: m.ts, read })
-    if (!read) this.unread.add(m.id)
+    this.byId.set(m.id, m)
+    if (!m.read) this.unread.add(m.id)
   }
 
   remove (id: number): boolean {
@@ -95,36 +99,87 @@ export function lowerBound (sorted: ArrayLike<number | string>, x: number | stri
 // An order-independent digest of the state: the sum, in two 32-bit lanes, of a hash of every
 // account, message and exactly-once entry. Adding and removing entries keeps it current in O(1),
 // and two replicas with the same state have the same digest however they got there.
-class MultisetDigest {
-  private a = 0
-  private b = 0
-  add (entry: string): void { this.addHash(hash2(entry)) }
-  remove (entry: string): void { this.removeHash(hash2(entry)) }
-  addHash ([x, y]: [number, number]): void { this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
-  removeHash ([x, y]: [number, number]): void { this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
-  hex (): string { return this.a.toString(16).padStart(8, '0') + this.b.toString(16).padStart(8, '0') }
+//
+// Entries are hashed field by field into two module-level lanes (hx, hy), with no string built
+// and nothing allocated: replaying a million-record log hashes a million messages.
+let hx = 0
+let hy = 0
+
+function hBegin (tag: number): void {
+  hx = 0x811c9dc5 ^ tag
+  hy = 0x01000193 ^ tag
 }
 
-// Two independent 32-bit FNV-1a style hashes over UTF-16 code units.
-function hash2 (s: string): [number, number] {
-  let x = 0x811c9dc5
-  let y = 0x01000193 ^ s.length
+// Two independent 32-bit FNV-1a style hashes over the UTF-16 code units, then the length, which
+// also separates one field from the next.
+function hStr (s: string): void {
+  let x = hx
+  let y = hy
   for (let i = 0; i < s.length; i++) {
     const c = s.charCodeAt(i)
     x = Math.imul(x ^ c, 0x01000193)
     y = Math.imul(y ^ c, 0x5bd1e995)
     y ^= y >>> 15
   }
+  hx = Math.imul(x ^ s.length, 0x01000193)
+  hy = Math.imul(y ^ s.length, 0x5bd1e995) ^ 0x9e3779b9
+}
+
+// A safe integer, as its low and high 32 bits.
+function hNum (n: number): void {
+  const lo = n >>> 0
+  const hi = Math.floor(n / 4294967296) >>> 0
+  hx = Math.imul(Math.imul(hx ^ lo, 0x01000193) ^ hi, 0x01000193)
+  let y = Math.imul(hy ^ lo, 0x5bd1e995)
+  y ^= y >>> 15
+  hy = Math.imul(y ^ hi, 0x5bd1e995) ^ (y >>> 13)
+}
+
+function hEnd (): void {
+  let x = hx
   x ^= x >>> 13
   x = Math.imul(x, 0xc2b2ae35)
   x ^= x >>> 16
-  return [x >>> 0, y >>> 0]
+  let y = hy
+  y ^= y >>> 16
+  y = Math.imul(y, 0x85ebca6b)
+  y ^= y >>> 13
+  hx = x >>> 0
+  hy = y >>> 0
 }
 
-const accountEntry = (a: Account): string => `u\u0000${a.key}\u0000${a.name}\u0000${a.salt}\u0000${a.hash}\u0000${a.created}`
-const messageEntry = (owner: string, m: Message, read: boolean): string =>
-  `m\u0000${owner}\u0000${m.id}\u0000${m.from}\u0000${m.to}\u0000${m.ts}\u0000${read ? 1 : 0}\u0000${m.text}`
-const ridEntry = (key: string, ts: number, reply: Reply): string => `r\u0000${key}\u0000${ts}\u0000${JSON.stringify(reply)}`
+function hashAccount (a: Account): void {
+  hBegin(0x75)
+  hStr(a.key); hStr(a.name); hStr(a.salt); hStr(a.hash); hNum(a.created)
+  hEnd()
+}
+
+function hashMessage (owner: string, m: StoredMessage): void {
+  hBegin(m.read ? 0x6d01 : 0x6d00)
+  hStr(owner); hNum(m.id); hStr(m.from); hStr(m.to); hNum(m.ts); hStr(m.text)
+  hEnd()
+}
+
+// An exactly-once entry is hashed by its key, time and outcome (ok, or the error code), not by
+// the whole reply: the reply was computed from the record and the state before it, and both
+// are covered by the digest already. Two replicas can only differ in a stored reply's details
+// after they differed elsewhere.
+function hashRid (key: string, ts: number, reply: Reply): void {
+  hBegin(0x72)
+  hStr(key); hNum(ts); hStr(reply.ok ? '' : reply.error.code)
+  hEnd()
+}
+
+class MultisetDigest {
+  private a = 0
+  private b = 0
+  // Add or remove the entry hashed last (hx, hy).
+  add (): void { this.addLanes(hx, hy) }
+  remove (): void { this.removeLanes(hx, hy) }
+  addLanes (x: number, y: number): void { this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
+  removeLanes (x: number, y: number): void { this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
+  hex (): string { return this.a.toString(16).padStart(8, '0') + this.b.toString(16).padStart(8, '0') }
+}
 
 const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: { code, message } })
 
@@ -190,9 +245,11 @@ export class ChatState {
         if (!to) return { reply: fail('NO_SUCH_USER', `no user named ${r.to}`), effects: {} }
         const from = this.accounts.get(r.from.toLowerCase())
         if (!from) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
+        const stored: StoredMessage = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts, read: false }
+        to.mailbox.add(stored)
+        hashMessage(to.key, stored)
+        this.digestAcc.add()
         const m: Message = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts }
-        to.mailbox.add(m, false)
-        this.digestAcc.add(messageEntry(to.key, m, false))
         return { reply: { ok: true, message: m }, effects: { push: m } }
       }
       case 'read': {
@@ -219,7 +276,8 @@ export class ChatState {
         for (const id of new Set(r.ids)) {
           const m = a.mailbox.byId.get(id)
           if (m && a.mailbox.remove(id)) {
-            this.digestAcc.remove(messageEntry(a.key, m, m.read))
+            hashMessage(a.key, m)
+            this.digestAcc.remove()
             deleted++
           } else missing.push(id)
         }
@@ -239,36 +297,42 @@ export class ChatState {
   private markRead (a: Account, id: number): void {
     const m = a.mailbox.byId.get(id)
     if (!m || m.read) return
-    this.digestAcc.remove(messageEntry(a.key, m, false))
+    hashMessage(a.key, m)
+    this.digestAcc.remove()
     m.read = true
     a.mailbox.unread.delete(id)
-    this.digestAcc.add(messageEntry(a.key, m, true))
+    hashMessage(a.key, m)
+    this.digestAcc.add()
   }
 
   private addAccount (a: Account): void {
     this.accounts.set(a.key, a)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 0, a.key)
-    this.digestAcc.add(accountEntry(a))
+    hashAccount(a)
+    this.digestAcc.add()
   }
 
   private removeAccount (a: Account): void {
     for (const id of a.mailbox.ids) {
       const m = a.mailbox.byId.get(id)!
-      this.digestAcc.remove(messageEntry(a.key, m, m.read))
+      hashMessage(a.key, m)
+      this.digestAcc.remove()
     }
-    this.digestAcc.remove(accountEntry(a))
+    hashAccount(a)
+    this.digestAcc.remove()
     this.accounts.delete(a.key)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
   }
 
   private rememberRid (key: string, ts: number, reply: Reply): void {
-    const hash = hash2(ridEntry(key, ts, reply))
-    this.rids.set(key, { ts, reply, hash })
+    hashRid(key, ts, reply)
+    this.rids.set(key, { ts, reply, hx, hy })
     this.ridOrder.push(key)
-    this.digestAcc.addHash(hash)
+    this.digestAcc.add()
     if (this.rids.size > limits.ridsMax) {
       const oldKey = this.ridOrder[this.ridHead++]
-      this.digestAcc.removeHash(this.rids.get(oldKey)!.hash)
+      const old = this.rids.get(oldKey)!
+      this.digestAcc.removeLanes(old.hx, old.hy)
       this.rids.delete(oldKey)
       if (this.ridHead >= 65536 && this.ridHead * 2 >= this.ridOrder.length) {
         this.ridOrder = this.ridOrder.slice(this.ridHead)
@@ -351,9 +415,10 @@ export class ChatState {
           }
           assert.ok(a, `messages for unknown account ${c.name}`)
           for (const [id, from, to, text, ts, read] of c.messages) {
-            const m = { id, from, to, text, ts }
-            a.mailbox.add(m, read === 1)
-            st.digestAcc.add(messageEntry(a.key, m, read === 1))
+            const m: StoredMessage = { id, from, to, text, ts, read: read === 1 }
+            a.mailbox.add(m)
+            hashMessage(a.key, m)
+            st.digestAcc.add()
           }
           break
         }

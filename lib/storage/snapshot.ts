@@ -77,11 +77,22 @@ function listSnapshots (files: FileOps, dir: string): Array<{ index: number, fil
 // Load the newest snapshot, or null if there is none. Throws CorruptSnapshotError if the newest
 // one is damaged: an older snapshot cannot stand in for it, since the log it needs is compacted.
 export function loadNewestSnapshot (files: FileOps, dir: string): LoadedSnapshot | null {
+  const snap = openNewestSnapshot(files, dir)
+  return snap && { ...snap, chunks: [...snap.chunks] }
+}
+
+// The newest snapshot with its chunks as a stream, decoded one at a time as the caller asks for
+// them, so a large state is rebuilt without first holding every parsed chunk in memory. The
+// stream throws CorruptSnapshotError where the damage is, at the latest after the last chunk
+// (a missing end): the caller must consume it whole before trusting what it built.
+export function openNewestSnapshot (files: FileOps, dir: string): { index: number, file: string, chunks: Generator<Record<string, unknown>> } | null {
   const all = listSnapshots(files, dir)
   if (all.length === 0) return null
   const { index, file } = all[all.length - 1]
-  const buf = files.readFileSync(file)
-  const chunks: Array<Record<string, unknown>> = []
+  return { index, file, chunks: readChunks(files.readFileSync(file), file, index) }
+}
+
+function * readChunks (buf: Buffer, file: string, index: number): Generator<Record<string, unknown>> {
   let off = 0
   let ended = false
   while (off < buf.length) {
@@ -90,16 +101,14 @@ export function loadNewestSnapshot (files: FileOps, dir: string): LoadedSnapshot
     const c = f.value
     const isHead = c.kind === 'head'
     if ((off === 0) !== isHead || (isHead && c.index !== index)) throw new CorruptSnapshotError(file, off, off === 0 ? 'missing head' : 'head out of place')
+    off = f.next
     if (c.kind === 'end') {
       ended = true
-      off = f.next
       break
     }
-    if (!isHead) chunks.push(c)
-    off = f.next
+    if (!isHead) yield c
   }
   if (!ended || off !== buf.length) throw new CorruptSnapshotError(file, off, ended ? 'data after the end' : 'missing end')
-  return { index, file, chunks }
 }
 
 // Remove snapshots older than `index` and temporary files left by a crash.

@@ -5,7 +5,7 @@ import fs from 'node:fs'
 import { ChatState } from '../state.ts'
 import type { LogRecord } from '../records.ts'
 import { SegmentLog, type Warn } from './log.ts'
-import { writeSnapshot, loadNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
+import { writeSnapshot, openNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
 import { type FileOps, realFiles } from './files.ts'
 import { limits } from '../limits.ts'
 
@@ -53,7 +53,7 @@ export class Store {
   // (a chain member applies only what it knows was committed) and returning the rest. Throws
   // CorruptLogError or CorruptSnapshotError when the data cannot be trusted.
   recover (applyLimit = Number.MAX_SAFE_INTEGER): Recovered {
-    const snap = loadNewestSnapshot(this.files, this.dir)
+    const snap = openNewestSnapshot(this.files, this.dir)
     const state = snap ? ChatState.fromSnapshotChunks(snap.chunks) : new ChatState()
     this.snapshotIndex = state.index
     let replayed = 0
