@@ -6,7 +6,9 @@
 // Group commit and pipelining: everything submitted during one turn of the event loop is
 // forwarded as one batch on the next; batches are forwarded without waiting for earlier ones to
 // be acknowledged; and when acknowledgements arrive, every record they cover is written with one
-// write and one fdatasync.
+// write and one fdatasync. The fdatasync runs off the event loop, one at a time: while it runs,
+// requests keep being read, stamped and forwarded, and the records acknowledged meanwhile make
+// up the next write.
 
 import { encodeFrame } from './storage/framing.ts'
 import type { Store } from './storage/store.ts'
@@ -40,6 +42,8 @@ const noop = (): void => {}
 export class Committer {
   private queue: Entry[] = [] // stamped, not yet forwarded
   private awaiting: Entry[] = [] // forwarded, waiting for the chain's acknowledgement
+  private ready: Entry[] = [] // acknowledged by the chain, waiting for the local write in flight
+  private flushing: Entry[] | null = null // written here, fdatasync in flight
   private flushScheduled = false
   private assigned: number // highest index stamped so far
   private lastTs: number
@@ -70,10 +74,14 @@ export class Committer {
   // True once the inherited records are committed and applied.
   get caughtUp (): boolean { return this.awaiting.length === 0 || this.awaiting[0].frame !== null }
 
-  // Records not yet durable here, from index `from` on (forwarded or inherited), for resending
-  // to a new successor.
+  // Records not yet durable here, from index `from` on (forwarded, inherited, or acknowledged
+  // and being written), in index order, for resending to a new successor.
   pendingFrom (from: number): LogRecord[] {
-    return this.awaiting.filter(e => e.record.i >= from).map(e => e.record)
+    const out: LogRecord[] = []
+    for (const list of [this.flushing ?? [], this.ready, this.awaiting]) {
+      for (const e of list) if (e.record.i >= from) out.push(e.record)
+    }
+    return out
   }
 
   // Submit a mutation. Resolves once it is durable here and on every live successor, and
@@ -97,15 +105,19 @@ export class Committer {
       return Promise.reject(errors.internal(e))
     }
     this.assigned++
+    const rk = body.rk
     const p = new Promise<Applied>((resolve, reject) => {
-      this.queue.push({ record, frame, resolve, reject })
+      if (rk === undefined) this.queue.push({ record, frame, resolve, reject })
+      else {
+        this.queue.push({
+          record,
+          frame,
+          resolve: a => { this.inflightRids.delete(rk); resolve(a) },
+          reject: e => { this.inflightRids.delete(rk); reject(e) }
+        })
+      }
     })
-    if (body.rk !== undefined) {
-      const rk = body.rk
-      this.inflightRids.set(rk, p)
-      const forget = (): void => { this.inflightRids.delete(rk) }
-      p.then(forget, forget)
-    }
+    if (rk !== undefined) this.inflightRids.set(rk, p)
     if (!this.flushScheduled) {
       this.flushScheduled = true
       setImmediate(() => this.forwardQueued())
@@ -115,7 +127,7 @@ export class Committer {
 
   // Resolves when nothing is queued or awaiting acknowledgement.
   idle (): Promise<void> {
-    if (this.queue.length === 0 && this.awaiting.length === 0) return Promise.resolve()
+    if (this.isIdle()) return Promise.resolve()
     return new Promise(resolve => this.idleWaiters.push(resolve))
   }
 
@@ -134,24 +146,53 @@ export class Committer {
     while (n < this.awaiting.length && this.awaiting[n].record.i <= index) n++
     if (n === 0 || this.failure) return
     const entries = this.awaiting.splice(0, n)
-    const frames = entries.filter(e => e.frame !== null).map(e => e.frame!)
-    if (frames.length > 0) {
-      try {
-        this.store.append({ frames: frames.length === 1 ? frames[0] : Buffer.concat(frames), lastIndex: entries[entries.length - 1].record.i })
-      } catch (e) {
-        const err = e instanceof ChatError ? e : errors.storage(e)
-        if (this.store.log.failed === null) {
-          // A failed write (a full disk) that the log cut back off: nothing from here on was
-          // applied, so the indexes can be handed out again and later writes may succeed.
-          const later = [...entries, ...this.awaiting.splice(0), ...this.queue.splice(0)]
-          this.assigned = this.store.log.lastIndex
-          for (const x of later) x.reject(err)
-          this.checkIdle()
-        } else this.abandon(err, entries)
-        this.onStorageFailure(err)
-        return
-      }
+    if (this.ready.length === 0) this.ready = entries
+    else for (const x of entries) this.ready.push(x)
+    if (this.flushing === null) this.flush()
+  }
+
+  // Write everything ready with one write, and settle it once its fdatasync is done.
+  private flush (): void {
+    const entries = this.ready
+    this.ready = []
+    const frames: Buffer[] = []
+    for (const x of entries) if (x.frame !== null) frames.push(x.frame)
+    if (frames.length === 0) { // inherited records only: durable here already
+      this.settle(entries)
+      return
     }
+    try {
+      this.store.appendAsync({ frames: frames.length === 1 ? frames[0] : Buffer.concat(frames), lastIndex: entries[entries.length - 1].record.i }, err => this.flushed(entries, err))
+    } catch (e) {
+      const err = e instanceof ChatError ? e : errors.storage(e)
+      if (this.store.log.failed === null) {
+        // A failed write (a full disk) that the log cut back off: nothing from here on was
+        // applied, so the indexes can be handed out again and later writes may succeed.
+        const later = [...entries, ...this.awaiting.splice(0), ...this.queue.splice(0)]
+        this.assigned = this.store.log.lastIndex
+        for (const x of later) x.reject(err)
+        this.checkIdle()
+      } else this.abandon(err, entries)
+      this.onStorageFailure(err)
+      return
+    }
+    this.flushing = entries
+  }
+
+  private flushed (entries: Entry[], err: ChatError | null): void {
+    if (this.flushing !== entries) return // abandoned meanwhile: these were rejected already
+    this.flushing = null
+    if (err !== null) {
+      this.abandon(err, entries)
+      this.onStorageFailure(err)
+      return
+    }
+    this.settle(entries)
+    if (this.ready.length > 0 && this.failure === null) this.flush()
+  }
+
+  // Apply durable records in order and answer their callers.
+  private settle (entries: Entry[]): void {
     crashPoint('before-reply')
     for (const x of entries) {
       const applied = this.state.apply(x.record)
@@ -165,15 +206,21 @@ export class Committer {
   // Fail everything not yet applied: after a storage failure, or when this server stops leading.
   abandon (err: ChatError, alsoThese: Entry[] = []): void {
     this.failure = err
-    const all = [...alsoThese, ...this.awaiting, ...this.queue]
+    const all = [...alsoThese, ...(this.flushing ?? []), ...this.ready, ...this.awaiting, ...this.queue]
+    this.flushing = null
+    this.ready = []
     this.awaiting = []
     this.queue = []
     for (const x of all) x.reject(err)
     this.checkIdle()
   }
 
+  private isIdle (): boolean {
+    return this.queue.length === 0 && this.awaiting.length === 0 && this.ready.length === 0 && this.flushing === null
+  }
+
   private checkIdle (): void {
-    if (this.queue.length > 0 || this.awaiting.length > 0) return
+    if (!this.isIdle()) return
     const waiters = this.idleWaiters
     this.idleWaiters = []
     for (const w of waiters) w()

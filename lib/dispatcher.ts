@@ -77,8 +77,8 @@ export class Dispatcher {
     return rid === undefined ? undefined : `${session.user ?? ''}\u0000${rid}`
   }
 
-  private async commit (body: RecordBody): Promise<Applied> {
-    return await this.host.submit(body)
+  private commit (body: RecordBody): Promise<Applied> {
+    return this.host.submit(body)
   }
 
   private async run (session: Session, op: Op, p: Params<Op>): Promise<Reply> {

@@ -45,11 +45,16 @@ export function withFsyncFailure (files: FileOps): FileOps {
   const after = Number(process.env.CHAINCHAT_FAIL_FSYNC_AFTER ?? '')
   if (!Number.isSafeInteger(after) || process.env.CHAINCHAT_FAIL_FSYNC_AFTER === undefined) return files
   let n = 0
+  const eio = (): Error => Object.assign(new Error('EIO: i/o error, fdatasync (injected)'), { code: 'EIO' })
   return {
     ...files,
     fdatasyncSync: (fd) => {
-      if (n++ >= after) throw Object.assign(new Error('EIO: i/o error, fdatasync (injected)'), { code: 'EIO' })
+      if (n++ >= after) throw eio()
       files.fdatasyncSync(fd)
+    },
+    fdatasync: (fd, cb) => {
+      if (n++ >= after) process.nextTick(cb, eio())
+      else files.fdatasync(fd, cb)
     }
   }
 }

@@ -488,6 +488,10 @@ export class ChainNode {
     this.saveMeta({ epoch, chain, learner: null })
     this.committer?.abandon(errors.unavailable('configuration changed'))
     this.committer = new Committer(this.store, this.state, epoch, (r, a) => {
+      // The primary applies only what the whole chain holds: applied is committed. (The local
+      // write finishes after the chain's acknowledgement, so this is where commit advances.)
+      this.commitIndex = r.i
+      this.persistCommitLazily()
       this.recent.push(r)
       this.lastEpoch = r.e
       this.opts.onApplied(r, a)
@@ -522,8 +526,6 @@ export class ChainNode {
     if (upTo === null) return
     if (this.role === 'primary' && this.committer) {
       this.committer.acked(upTo)
-      this.commitIndex = this.state.index
-      this.persistCommitLazily()
       return
     }
     this.sendAck(upTo)

@@ -8,6 +8,7 @@ export interface FileOps {
   closeSync: typeof fs.closeSync
   writeSync: (fd: number, buf: Buffer, offset: number, length: number, position: number | null) => number
   fdatasyncSync: typeof fs.fdatasyncSync
+  fdatasync: (fd: number, cb: (err: NodeJS.ErrnoException | null) => void) => void
   fsyncSync: typeof fs.fsyncSync
   ftruncateSync: typeof fs.ftruncateSync
   fstatSync: (fd: number) => fs.Stats
@@ -23,6 +24,7 @@ export const realFiles: FileOps = {
   closeSync: fs.closeSync,
   writeSync: (fd, buf, offset, length, position) => fs.writeSync(fd, buf, offset, length, position),
   fdatasyncSync: fs.fdatasyncSync,
+  fdatasync: (fd, cb) => { fs.fdatasync(fd, cb) },
   fsyncSync: fs.fsyncSync,
   ftruncateSync: fs.ftruncateSync,
   fstatSync: (fd) => fs.fstatSync(fd),

@@ -13,12 +13,13 @@ import { limits } from '../limits.ts'
 export const frameHeaderBytes = 8
 
 export function encodeFrame (value: object): Buffer {
-  const payload = Buffer.from(JSON.stringify(value), 'utf8')
-  if (payload.length > limits.recordBytesMax) throw new RangeError(`record of ${payload.length} bytes exceeds ${limits.recordBytesMax}`)
-  const frame = Buffer.allocUnsafe(frameHeaderBytes + payload.length)
-  frame.writeUInt32LE(payload.length, 0)
-  frame.writeUInt32LE(zlib.crc32(payload), 4)
-  payload.copy(frame, frameHeaderBytes)
+  const json = JSON.stringify(value)
+  const len = Buffer.byteLength(json, 'utf8')
+  if (len > limits.recordBytesMax) throw new RangeError(`record of ${len} bytes exceeds ${limits.recordBytesMax}`)
+  const frame = Buffer.allocUnsafe(frameHeaderBytes + len)
+  frame.write(json, frameHeaderBytes, 'utf8')
+  frame.writeUInt32LE(len, 0)
+  frame.writeUInt32LE(zlib.crc32(frame.subarray(frameHeaderBytes)), 4)
   return frame
 }
 

@@ -5,7 +5,8 @@
 //
 // A new segment starts when a snapshot is taken, so that whole segments the snapshot covers can
 // be deleted and disk use stays bounded. Appends are made durable with fdatasync before
-// append() returns; the caller batches records so many writes share one fsync (group commit).
+// append() returns, or before appendAsync() calls back; the caller batches records so many
+// writes share one fsync (group commit).
 //
 // Recovery reads every segment in order. A frame that is cut short or damaged at the very end of
 // the last segment is a torn write from a crash: it is truncated with a warning. A damaged frame
@@ -49,6 +50,8 @@ export class SegmentLog {
   private fd = -1
   private size = 0 // bytes in the open (last) segment, all of them durable
   private failure: ChatError | null = null
+  private syncing = false // an appendAsync's fdatasync is running
+  private generation = 0 // bumped whenever the open file descriptor is let go
   lastIndex = 0
 
   constructor (private readonly dir: string, private readonly files: FileOps, private readonly warn: Warn) {}
@@ -113,7 +116,47 @@ export class SegmentLog {
   // log stays usable; after a failed fsync the page cache is in an unknown state, so the log
   // refuses every later append (the member must recover from disk or from its peers).
   append (frames: Buffer, lastIndexAfter: number): void {
+    const before = this.write(frames)
+    try {
+      this.files.fdatasyncSync(this.fd)
+    } catch (e) {
+      throw this.syncFailed(e, this.fd, before)
+    }
+    this.durable(frames.length, lastIndexAfter)
+  }
+
+  // The same, with the fdatasync run off the event loop (in libuv's thread pool), so the server
+  // keeps reading and batching requests while the disk works. The write itself is synchronous:
+  // a write error throws here, with the log cut back as append() does. `done` is called once,
+  // with null when the frames are durable. One at a time: the caller waits for `done` before
+  // the next append of either kind. If the log lets go of its file meanwhile (a replica
+  // truncating or resetting it, or close()), `done` gets an error and the log is not failed.
+  appendAsync (frames: Buffer, lastIndexAfter: number, done: (err: ChatError | null) => void): void {
+    if (this.syncing) throw new Error('appendAsync: an append is already in flight')
+    const before = this.write(frames)
+    const fd = this.fd
+    const generation = this.generation
+    this.syncing = true
+    this.files.fdatasync(fd, (e) => {
+      if (generation !== this.generation) {
+        done(errors.unavailable('the log was reset while the write was in flight'))
+        return
+      }
+      this.syncing = false
+      if (e) {
+        done(this.syncFailed(e, fd, before))
+        return
+      }
+      this.durable(frames.length, lastIndexAfter)
+      done(null)
+    })
+  }
+
+  // Write frames at the end of the open segment; returns the size before them. On a write
+  // error, cut the partial write back off (the log stays usable) and throw STORAGE_ERROR.
+  private write (frames: Buffer): number {
     if (this.failure) throw this.failure
+    if (this.syncing) throw new Error('append: an appendAsync is in flight')
     const before = this.size
     try {
       writeAll(this.files, this.fd, frames)
@@ -126,16 +169,19 @@ export class SegmentLog {
       throw errors.storage(e)
     }
     crashPoint('after-append-before-fsync')
-    try {
-      this.files.fdatasyncSync(this.fd)
-    } catch (e) {
-      // The batch was refused, so try to take it back out; either way the log accepts nothing
-      // more, since after a failed fsync what the page cache holds is unknown.
-      this.failure = errors.storage(e)
-      try { this.files.ftruncateSync(this.fd, before) } catch { /* the member stops acknowledging anyway */ }
-      throw this.failure
-    }
-    this.size += frames.length
+    return before
+  }
+
+  // A failed fsync: the batch was refused, so try to take it back out; either way the log
+  // accepts nothing more, since after a failed fsync what the page cache holds is unknown.
+  private syncFailed (e: unknown, fd: number, before: number): ChatError {
+    this.failure = errors.storage(e)
+    try { this.files.ftruncateSync(fd, before) } catch { /* the member stops acknowledging anyway */ }
+    return this.failure
+  }
+
+  private durable (bytes: number, lastIndexAfter: number): void {
+    this.size += bytes
     this.lastIndex = lastIndexAfter
     noteDurable(this.dir, this.segments[this.segments.length - 1].file, this.size)
   }
@@ -174,10 +220,13 @@ export class SegmentLog {
   // Drop every record after `index`, durably. Used when a replica discards records the chain
   // never committed before it is caught up again.
   truncateAfter (index: number): void {
-    if (index >= this.lastIndex) return
+    // With an appendAsync in flight the file holds more than lastIndex: cut that off too.
+    if (index >= this.lastIndex && !this.syncing) return
     if (this.failure) throw this.failure
     this.files.closeSync(this.fd)
     this.fd = -1
+    this.generation++
+    this.syncing = false
     while (this.segments.length > 1 && this.segments[this.segments.length - 1].firstIndex > index + 1) {
       this.files.unlinkSync(this.segments.pop()!.file)
     }
@@ -217,6 +266,8 @@ export class SegmentLog {
     const next = this.createSegment(this.lastIndex + 1)
     const fd = this.files.openSync(next.file, 'a')
     this.files.closeSync(this.fd)
+    this.generation++
+    this.syncing = false
     this.fd = fd
     this.size = 0
     this.segments.push(next)
@@ -237,6 +288,8 @@ export class SegmentLog {
   close (): void {
     if (this.fd >= 0) this.files.closeSync(this.fd)
     this.fd = -1
+    this.generation++
+    this.syncing = false
   }
 
   private createSegment (firstIndex: number): Segment {

@@ -8,6 +8,7 @@ import { SegmentLog, type Warn } from './log.ts'
 import { writeSnapshot, openNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
 import { type FileOps, realFiles } from './files.ts'
 import { limits } from '../limits.ts'
+import type { ChatError } from '../errors.ts'
 
 export interface StoreOptions {
   dir: string
@@ -86,6 +87,12 @@ export class Store {
   // Durably append a batch of encoded records (see SegmentLog.append).
   append (batch: { frames: Buffer, lastIndex: number }): void {
     this.log.append(batch.frames, batch.lastIndex)
+    this.bytesSinceSnapshot += batch.frames.length
+  }
+
+  // The same, with the fdatasync off the event loop (see SegmentLog.appendAsync).
+  appendAsync (batch: { frames: Buffer, lastIndex: number }, done: (err: ChatError | null) => void): void {
+    this.log.appendAsync(batch.frames, batch.lastIndex, done)
     this.bytesSinceSnapshot += batch.frames.length
   }
 
