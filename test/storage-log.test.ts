@@ -417,3 +417,73 @@ t.test('fdatasync EIO fails the log: every later append throws without writing',
   t.equal(store.log.lastIndex, 3)
   store.close()
 })
+
+// appendAsync: the write is synchronous, the fdatasync runs in the thread pool.
+function appendAsync (store: Store, rs: LogRecord[]): Promise<ChatError | null> {
+  return new Promise(resolve => store.appendAsync(batch(rs), resolve))
+}
+
+t.test('appendAsync: durable and counted only once its fdatasync is done; one at a time', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const store = new Store({ dir, files: ff.files })
+  store.recover()
+  store.append(batch(records(1, 2)))
+  const file = path.join(dir, segmentName(1))
+  const done = appendAsync(store, records(3, 5))
+  t.equal(ff.calls.fdatasync, 1, 'the fdatasync was started')
+  t.equal(store.log.lastIndex, 2, 'not counted while the fdatasync runs')
+  t.ok(fs.statSync(file).size > store.log.currentSegmentBytes, 'though the bytes are written')
+  t.throws(() => store.append(batch([record(6)])), /in flight/, 'a synchronous append waits its turn')
+  t.throws(() => store.appendAsync(batch([record(6)]), () => {}), /in flight/, 'so does another appendAsync')
+  t.equal(await done, null)
+  t.equal(store.log.lastIndex, 5)
+  t.equal(store.log.currentSegmentBytes, fs.statSync(file).size)
+  t.equal(await appendAsync(store, [record(6)]), null, 'the next one may go')
+  store.append(batch([record(7)]))
+  store.close()
+  t.same(readLog(dir).recs, records(1, 7))
+})
+
+t.test('appendAsync: a failed fdatasync fails the log and takes the batch back out', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const store = new Store({ dir, files: ff.files })
+  store.recover()
+  store.append(batch(records(1, 3)))
+  const file = path.join(dir, segmentName(1))
+  const size = fs.statSync(file).size
+  const eio = errnoError('EIO', 'i/o error')
+  ff.hooks.fdatasync = (_fd, cb) => { setImmediate(cb, eio) }
+  const e = await appendAsync(store, [record(4), record(5)])
+  t.type(e, ChatError)
+  t.match(e, { code: 'STORAGE_ERROR', message: /EIO/, cause: eio })
+  t.equal(store.log.failed, e, 'the log is failed')
+  t.equal(store.log.lastIndex, 3)
+  t.equal(fs.statSync(file).size, size, 'the batch was cut back off')
+  delete ff.hooks.fdatasync
+  t.equal(thrown(() => store.appendAsync(batch([record(4)]), () => t.fail('no callback'))), e, 'later appends are refused')
+  store.close()
+  t.same(readLog(dir).recs, records(1, 3))
+})
+
+t.test('appendAsync: a log truncated while the fdatasync runs reports it and is not failed', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const store = new Store({ dir, files: ff.files })
+  store.recover()
+  store.append(batch(records(1, 3)))
+  let release: () => void = () => {}
+  ff.hooks.fdatasync = (fd, cb) => { release = () => ff.real.fdatasync(fd, cb) }
+  const done = appendAsync(store, records(4, 6))
+  store.log.truncateAfter(3) // a replica discarding what the chain never committed
+  t.equal(store.log.lastIndex, 3)
+  release()
+  t.match(await done, { code: 'UNAVAILABLE' }, 'the caller learns the write did not count')
+  t.equal(store.log.failed, null, 'the log is not failed')
+  t.equal(store.log.lastIndex, 3)
+  delete ff.hooks.fdatasync
+  store.append(batch([record(4, 2)])) // appends work again at once
+  store.close()
+  t.same(readLog(dir).recs, [...records(1, 3), record(4, 2)])
+})
