@@ -98,7 +98,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
     clients: chat?.clientCount ?? 0,
     sessions: dispatcher.sessionsOnline(),
     uptimeMs: Date.now() - startedAt,
-    storage: store.log.failed ? 'failed' : 'ok'
+    storage: store.log.failed ? 'failed' : chain?.storageFailing === true ? 'failing' : 'ok'
   })
   const chainMode = config.peers !== null || config.join !== null
   const host: Host = !chainMode

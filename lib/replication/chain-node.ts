@@ -59,6 +59,7 @@ interface PeerInfo {
   applied: number
   last: number
   lastEpoch: number
+  storage?: 'ok' | 'failing' // failing: its last write was refused (a full disk)
 }
 
 const sleep = (ms: number): Promise<void> => new Promise(resolve => setTimeout(resolve, ms))
@@ -254,6 +255,8 @@ export class ChainNode {
   private reconfiguring = false
   private ackedUp = 0 // the last index acknowledged to the current predecessor
   private progressLoggedAt = 0
+  private storageFailures = 0 // writes refused in a row (a full disk); 0 once one succeeds
+  private storageRetryAt = 0 // after a refused write, do not ask to join before this time
   private snapshotInstalledAt = 0
   commitIndex = 0
 
@@ -341,9 +344,11 @@ export class ChainNode {
     this.role = role
   }
 
+  // Persist a configuration, then use it: if the write fails (a full disk), nothing changes.
   private saveMeta (cfg: ChainConfig, retired = false): void {
-    this.meta = { epoch: cfg.epoch, chain: [...cfg.chain], learner: cfg.learner, commit: this.commitIndex, ...(retired ? { retired } : {}) }
-    this.metaStore.save(this.meta)
+    const meta = { epoch: cfg.epoch, chain: [...cfg.chain], learner: cfg.learner, commit: this.commitIndex, ...(retired ? { retired } : {}) }
+    this.metaStore.save(meta)
+    this.meta = meta
     this.commitSavedAt = Date.now()
   }
 
@@ -364,6 +369,10 @@ export class ChainNode {
   private async discoverLoop (): Promise<void> {
     let waitingLogged = false
     while (!this.stopped && (this.role === 'waiting' || this.role === 'joining') && this.pred === null) {
+      if (Date.now() < this.storageRetryAt) {
+        await sleep(this.storageRetryAt - Date.now())
+        continue
+      }
       const infos = await this.probeAround()
       if (this.stopped || this.pred !== null || (this.role !== 'waiting' && this.role !== 'joining')) return
       const heads = infos.filter(i => i.role === 'primary').sort((a, b) => b.epoch - a.epoch)
@@ -454,7 +463,7 @@ export class ChainNode {
   }
 
   private info (): PeerInfo {
-    return { node: this.opts.me, role: this.role, epoch: this.meta.epoch, chain: this.meta.chain, learner: this.meta.learner, applied: this.state.index, last: this.lastIndex(), lastEpoch: this.lastEpoch }
+    return { node: this.opts.me, role: this.role, epoch: this.meta.epoch, chain: this.meta.chain, learner: this.meta.learner, applied: this.state.index, last: this.lastIndex(), lastEpoch: this.lastEpoch, storage: this.storageFailing ? 'failing' : 'ok' }
   }
 
   private async askToJoin (head: string): Promise<boolean> {
@@ -635,11 +644,14 @@ export class ChainNode {
           this.stepDown(`${member} knows configuration epoch ${res.epoch} (${res.chain.join(', ')})`)
           return
         }
-        if (this.meta.chain.includes(member) || this.meta.learner === member) {
-          // Alive, and behind or at our configuration: the link broke, the member did not.
-          this.reconfigure({ epoch: epoch + 1, chain: this.meta.chain, learner: this.meta.learner }, `relinking ${member}`)
+        if (res.storage !== 'failing') {
+          if (this.meta.chain.includes(member) || this.meta.learner === member) {
+            // Alive, and behind or at our configuration: the link broke, the member did not.
+            this.reconfigure({ epoch: epoch + 1, chain: this.meta.chain, learner: this.meta.learner }, `relinking ${member}`)
+          }
+          return
         }
-        return
+        // Alive, but its disk refuses writes: go on without it. It asks to join again later.
       }
       const chain = this.meta.chain.filter(m => m !== member)
       if (res === 'silent' && chain.length === 1 && this.meta.chain.includes(member)) {
@@ -647,7 +659,7 @@ export class ChainNode {
         setTimeout(() => { if (!this.succ && this.role === 'primary') this.removeMember(member, why) }, this.opts.failureTimeoutMs).unref()
         return
       }
-      this.reconfigure({ epoch: epoch + 1, chain, learner: this.meta.learner === member ? null : this.meta.learner }, `${member} ${why} (${res})`)
+      this.reconfigure({ epoch: epoch + 1, chain, learner: this.meta.learner === member ? null : this.meta.learner }, `${member} ${why} (${typeof res === 'object' ? 'its storage is failing' : res})`)
     }, () => { this.reconfiguring = false })
   }
 
@@ -684,6 +696,23 @@ export class ChainNode {
     this.setRole('joining', why)
     this.discover()
   }
+
+  // A write was refused (a full disk) but the disk can still be trusted: stop acknowledging,
+  // leave the chain, and try to join again later, waiting longer after each failure in a row.
+  // Until a write succeeds, probes report the storage as failing, so the primary drops this
+  // member rather than relinking it.
+  private leaveOnStorageError (): void {
+    this.storageFailures++
+    this.dropPredecessor()
+    this.succ?.close()
+    this.succ = null
+    this.setRole('joining', 'local storage failed')
+    const delay = Math.min(this.opts.failureTimeoutMs * 2 ** Math.min(this.storageFailures, 5), this.opts.failureTimeoutMs * 20)
+    this.storageRetryAt = Date.now() + delay
+    setTimeout(() => this.discover(), delay).unref()
+  }
+
+  get storageFailing (): boolean { return this.storageFailures > 0 }
 
   private onStorageFailure (e: ChatError): void {
     this.opts.log('error', 'storage error', { error: e.message })
@@ -803,7 +832,14 @@ export class ChainNode {
       return
     }
     if (this.role === 'primary') this.stepDown(`a newer configuration names ${peer.remote} as our predecessor`)
-    this.saveMeta(cfg)
+    try {
+      this.saveMeta(cfg)
+    } catch (e) {
+      this.opts.log('error', 'storage error; leaving the chain', { error: `cannot save the configuration: ${String(e)}` })
+      peer.close()
+      this.leaveOnStorageError()
+      return
+    }
     this.dropPredecessor()
     this.pred = peer
     this.predName = peer.remote
@@ -849,7 +885,16 @@ export class ChainNode {
       case 'snapshot':
         this.snapshotChunks.push(...(m.chunks as Array<Record<string, unknown>>))
         if (m.done) {
-          this.state = this.store.installSnapshot(this.snapshotChunks)
+          try {
+            this.state = this.store.installSnapshot(this.snapshotChunks)
+          } catch (e) {
+            this.snapshotChunks = []
+            if (!(e instanceof ChatError) && typeof (e as NodeJS.ErrnoException).code !== 'string') throw e
+            this.opts.log('error', 'storage error; leaving the chain', { error: `cannot write the snapshot: ${String(e)}` })
+            this.leaveOnStorageError()
+            return
+          }
+          this.storageFailures = 0
           this.snapshotInstalledAt = Date.now()
           this.snapshotChunks = []
           this.unapplied = []
@@ -901,13 +946,10 @@ export class ChainNode {
         this.opts.onFatal(new Error(`fsync failed, the disk cannot be trusted: ${String(e)}`))
         return
       }
-      this.dropPredecessor()
-      this.succ?.close()
-      this.succ = null
-      this.setRole('joining', 'local storage failed')
-      setTimeout(() => this.discover(), this.opts.failureTimeoutMs * 2).unref()
+      this.leaveOnStorageError()
       return
     }
+    this.storageFailures = 0
     crashPoint('after-fsync-before-forward')
     if (this.role === 'joining' && Date.now() - this.progressLoggedAt > 2000) {
       this.progressLoggedAt = Date.now()
