@@ -12,7 +12,10 @@ import t from 'tap'
 import { runFaults, formatSummary, reproduce, anomalyTotal } from './faults/harness.ts'
 import { check, type FinalState } from './faults/checker.ts'
 import { History, type Op, type StatusSample } from './faults/history.ts'
-import { makeSchedule } from './faults/nemesis.ts'
+import { makeSchedule, losePageCache, faultWeights } from './faults/nemesis.ts'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
 import type { Message } from '../lib/client.ts'
 
 const seeds = (process.env.CHAINCHAT_FAULT_SEEDS ?? '3,21,25').split(',').map(Number).filter(Number.isInteger)
@@ -21,6 +24,32 @@ const clients = 10
 
 // A run is about 13 s of faults plus start, heal, checks and stop: give it room on a loaded machine.
 t.setTimeout(seeds.length * 150_000 + 30_000)
+
+t.test('a power loss keeps what DURABLE says was fsync\'d and part of the rest, never less', async t => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chainchat-powerloss-'))
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
+  const seg = (first: number): string => path.join(dir, `log-${String(first).padStart(20, '0')}.wal`)
+  t.match(losePageCache(dir, 0), /no DURABLE note/, 'nothing noted: nothing cut')
+  fs.writeFileSync(seg(1), Buffer.alloc(1000, 1))
+  fs.writeFileSync(seg(50), Buffer.alloc(300, 2)) // a later segment: nothing in it was fsync'd
+  const note = (bytes: number): void => fs.writeFileSync(path.join(dir, 'DURABLE'), JSON.stringify({ file: path.basename(seg(1)), bytes }).padEnd(256))
+  note(600)
+  t.match(losePageCache(dir, 0.5), /cut from 1000 to 800 bytes \(durable 600\)/)
+  t.equal(fs.statSync(seg(1)).size, 800, 'durable bytes plus half of the unsynced 400')
+  t.equal(fs.statSync(seg(50)).size, 0, 'the later segment lost everything')
+  t.match(losePageCache(dir, 0), /cut from 800 to 600/)
+  t.equal(fs.statSync(seg(1)).size, 600, 'keep 0: exactly the durable bytes')
+  note(900)
+  t.match(losePageCache(dir, 0), /600 bytes, all durable/, 'a file already shorter than its note is left alone')
+  t.equal(fs.statSync(seg(1)).size, 600)
+  fs.rmSync(seg(1))
+  t.match(losePageCache(dir, 0), /is gone/)
+})
+
+t.test('every fault kind can be scheduled', async t => {
+  const kinds = new Set(makeSchedule(1, 600_000).map(s => s.fault.kind))
+  t.same([...kinds].sort(), Object.keys(faultWeights).sort(), 'a 10-minute schedule has kill, kill2, pause, powerloss and crashpoint')
+})
 
 t.test('the schedule is a function of the seed', async t => {
   t.same(makeSchedule(42, 60_000), makeSchedule(42, 60_000), 'same seed, same schedule')

@@ -71,12 +71,13 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
   const schedule = makeSchedule(opts.seed, opts.durationMs)
   log(`seed ${opts.seed}: ${schedule.length} faults scheduled over ${opts.durationMs / 1000} s, ${opts.clients} clients`)
 
-  const chain = await Chain.create(opts.t, { args: opts.snapshotEvery ? ['--snapshot-every-records', String(opts.snapshotEvery)] : [] })
+  // DURABLE notes let the nemesis cut a killed member's log back as a power loss would.
+  const chain = await Chain.create(opts.t, { args: opts.snapshotEvery ? ['--snapshot-every-records', String(opts.snapshotEvery)] : [], env: { CHAINCHAT_TRACK_DURABLE: '1' } })
   await chain.startAll()
   await chain.waitConverged(3, 30_000)
   h.event('ready', `chain ${chain.servers.join(', ')} converged`)
   const monitor = new Monitor(chain, h)
-  const nemesis = new Nemesis(chain, h, monitor, opts.seed, opts.hooks)
+  const nemesis = new Nemesis(chain, h, monitor, opts.hooks)
   for (let k = 0; k < 3; k++) nemesis.watch(k)
   monitor.start()
 
@@ -145,6 +146,8 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
     else row.unknown++
   }
   const notes = [...h.notes, ...result.notes]
+  const armed = nemesis.stats.injected.crashpoint ?? 0
+  if (armed > 0) notes.push(`crash points: ${nemesis.stats.crashPointsHit} of ${armed} armed members died at their point (the rest were killed when their time ran out)`)
   if (nemesis.stats.unsettled > 0) notes.push(`${nemesis.stats.unsettled} faults began before the chain had converged (15 s wait)`)
   let historyFile: string | null = opts.historyFile ?? null
   if (historyFile === null && (result.anomalies.length > 0 || !converged)) historyFile = path.join(os.tmpdir(), `chainchat-faults-seed${opts.seed}-${Date.now()}.json`)

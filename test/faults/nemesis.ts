@@ -10,6 +10,8 @@
 import type { Chain } from '../helpers/chain.ts'
 import type { ServerProc } from '../helpers/spawn.ts'
 import type { History, StatusSample } from './history.ts'
+import fs from 'node:fs'
+import path from 'node:path'
 import { Prng } from './prng.ts'
 
 export type TargetSpec =
@@ -24,23 +26,51 @@ export type Fault =
   // SIGKILL one member, gapMs later a second one (the first is now the stale one), restart both
   // after downMs, the stale one first or last, restartGapMs apart.
   | { kind: 'kill2', first: TargetSpec, secondOffset: 1 | 2, gapMs: number, downMs: number, staleFirst: boolean, restartGapMs: number }
-  // TODO(power-loss, crash points): not available yet. Reserved kinds, weighted 0 in
-  // makeSchedule and carried out through FaultHooks once the server and the storage helpers
-  // support them:
-  //   powerloss  SIGKILL, then cut the member's log back to what an fsync made durable (drop
-  //              the unsynced tail, tear the last frame), then restart.
-  //   crashpoint restart a member with a named crash point armed (e.g. an env var such as
-  //              CHAINCHAT_CRASH_AT=after-append-before-ack) and let it die there.
-  | { kind: 'powerloss', target: TargetSpec, downMs: number }
-  | { kind: 'crashpoint', target: TargetSpec, point: string, downMs: number }
+  // Power loss: SIGKILL one member, then cut its log back to what its last fsync made durable
+  // plus a random part of the rest (the page cache lost, a frame torn), restart after downMs.
+  // The members run with CHAINCHAT_TRACK_DURABLE=1, so <data>/DURABLE says what was durable.
+  | { kind: 'powerloss', target: TargetSpec, downMs: number, keep: number }
+  // SIGKILL one member and restart it with a crash point armed (CHAINCHAT_CRASH_AT=point:n):
+  // catching up, it kills itself the n-th time it reaches the point. If it has not within
+  // armedMs, the nemesis kills it. Then it is restarted unarmed.
+  | { kind: 'crashpoint', target: TargetSpec, point: CrashPoint, n: number, armedMs: number, downMs: number }
 
 export type FaultKind = Fault['kind']
 
-// TODO(power-loss, crash points): the hooks to fill in. `powerLoss` runs while the member is
-// down, with its data directory; `crashPointArgs` gives extra server flags / env for a restart.
+// The crash points a restarted member passes while it catches up and replicates (the primary's
+// before-reply point is exercised by test/crash-points.test.ts instead: a restarted member
+// never comes back as the primary). mid-snapshot fires when it installs a snapshot sent to it.
+export const memberCrashPoints = ['after-append-before-fsync', 'after-fsync-before-forward', 'mid-snapshot'] as const
+export type CrashPoint = typeof memberCrashPoints[number]
+
+// Replacements for the built-in power loss, for tests of the nemesis itself.
 export interface FaultHooks {
-  powerLoss?: (dataDir: string, prng: Prng) => Promise<void>
-  crashPoint?: (point: string) => { args?: string[], env?: Record<string, string> }
+  powerLoss?: (dataDir: string, keep: number) => Promise<void>
+}
+
+// Cut the log of a killed member back as a power loss would: keep what DURABLE says was fsync'd,
+// and `keep` (0 to 1) of the bytes written after it. Returns what was done, for the history.
+export function losePageCache (dataDir: string, keep: number): string {
+  let note: { file: string, bytes: number }
+  try {
+    note = JSON.parse(fs.readFileSync(path.join(dataDir, 'DURABLE'), 'utf8')) as { file: string, bytes: number }
+  } catch {
+    return 'no DURABLE note: nothing fsync\'d yet, log left as it is'
+  }
+  const file = path.join(dataDir, note.file)
+  let size: number
+  try {
+    size = fs.statSync(file).size
+  } catch {
+    return `${note.file} is gone (replaced since): log left as it is`
+  }
+  // Segments after the noted one hold nothing fsync'd (a segment is noted at its first fsync).
+  const later = fs.readdirSync(dataDir).filter(f => /^log-\d{20}\.wal$/.test(f) && f > note.file)
+  for (const f of later) fs.truncateSync(path.join(dataDir, f), 0)
+  if (size <= note.bytes) return `${note.file}: ${size} bytes, all durable${later.length > 0 ? `; emptied ${later.join(', ')}` : ''}`
+  const cut = note.bytes + Math.floor((size - note.bytes) * keep)
+  fs.truncateSync(file, cut)
+  return `${note.file}: cut from ${size} to ${cut} bytes (durable ${note.bytes})${later.length > 0 ? `; emptied ${later.join(', ')}` : ''}`
 }
 
 export interface Step {
@@ -49,7 +79,7 @@ export interface Step {
   fault: Fault
 }
 
-export const faultWeights: Record<FaultKind, number> = { kill: 4, pause: 3, kill2: 3, powerloss: 0, crashpoint: 0 }
+export const faultWeights: Record<FaultKind, number> = { kill: 4, pause: 3, kill2: 3, powerloss: 2, crashpoint: 2 }
 
 // A rough length of a fault, to know when the schedule covers the duration.
 function faultMs (f: Fault): number {
@@ -58,7 +88,7 @@ function faultMs (f: Fault): number {
     case 'pause': return f.pauseMs + 1000
     case 'kill2': return f.gapMs + f.downMs + f.restartGapMs + 2500
     case 'powerloss': return f.downMs + 1500
-    case 'crashpoint': return f.downMs + 1500
+    case 'crashpoint': return f.downMs + f.armedMs + 2000
   }
 }
 
@@ -88,10 +118,10 @@ export function makeSchedule (seed: number, durationMs: number, weights: Record<
         fault = { kind, first: target(p), secondOffset: p.pick([1, 2] as const), gapMs: p.int(0, 1500), downMs: p.int(200, 3000), staleFirst: p.chance(0.5), restartGapMs: p.int(0, 1500) }
         break
       case 'powerloss':
-        fault = { kind, target: target(p), downMs: p.int(100, 3000) }
+        fault = { kind, target: target(p), downMs: p.int(100, 3000), keep: p.pick([0, 0, 0.3, 0.7]) }
         break
       case 'crashpoint':
-        fault = { kind, target: target(p), point: 'unspecified', downMs: p.int(100, 3000) }
+        fault = { kind, target: target(p), point: p.pick(memberCrashPoints), n: p.int(1, 30), armedMs: p.int(1000, 4000), downMs: p.int(100, 1500) }
         break
     }
     steps.push({ waitMs, settle, fault })
@@ -109,8 +139,8 @@ export function describeFault (f: Fault): string {
     case 'kill': return `kill ${describeTarget(f.target)} for ${f.downMs} ms`
     case 'pause': return `pause ${describeTarget(f.target)} for ${f.pauseMs} ms`
     case 'kill2': return `kill ${describeTarget(f.first)} then +${f.secondOffset} after ${f.gapMs} ms, down ${f.downMs} ms, restart ${f.staleFirst ? 'stale first' : 'stale last'} ${f.restartGapMs} ms apart`
-    case 'powerloss': return `powerloss ${describeTarget(f.target)} for ${f.downMs} ms`
-    case 'crashpoint': return `crashpoint ${f.point} at ${describeTarget(f.target)}`
+    case 'powerloss': return `powerloss ${describeTarget(f.target)} for ${f.downMs} ms, keeping ${f.keep * 100}% of the unsynced tail`
+    case 'crashpoint': return `crashpoint ${f.point}:${f.n} at ${describeTarget(f.target)}, armed for up to ${f.armedMs} ms`
   }
 }
 
@@ -169,23 +199,21 @@ export class Monitor {
 export interface NemesisStats {
   injected: Record<string, number>
   restartFailures: number
+  crashPointsHit: number // armed crash points the member actually reached
   unsettled: number // faults started without the chain having converged in time
 }
 
 export interface UnexpectedExit { member: number, pid: number, t: number, how: string, stderr: string }
 
 export class Nemesis {
-  readonly stats: NemesisStats = { injected: {}, restartFailures: 0, unsettled: 0 }
+  readonly stats: NemesisStats = { injected: {}, restartFailures: 0, crashPointsHit: 0, unsettled: 0 }
   readonly unexpectedExits: UnexpectedExit[] = []
   private readonly ours = new WeakSet<ServerProc>() // processes we killed on purpose
   private readonly paused = new Set<number>()
   private readonly watched = new WeakSet<ServerProc>()
   private stopping = false
-  private readonly prng: Prng
 
-  constructor (private readonly chain: Chain, private readonly h: History, private readonly monitor: Monitor, seed: number, private readonly hooks: FaultHooks = {}) {
-    this.prng = Prng.derive(seed, 'nemesis-runtime')
-  }
+  constructor (private readonly chain: Chain, private readonly h: History, private readonly monitor: Monitor, private readonly hooks: FaultHooks = {}) {}
 
   // Report a member process that dies without the nemesis killing it.
   watch (k: number): void {
@@ -226,11 +254,11 @@ export class Nemesis {
     await this.chain.kill(k, 'SIGKILL')
   }
 
-  private async start (k: number, extra: { args?: string[] } = {}): Promise<boolean> {
+  private async start (k: number, env: Record<string, string> = {}): Promise<boolean> {
     if (this.chain.members[k].proc) return true
     for (let attempt = 1; attempt <= 3; attempt++) {
       try {
-        await this.chain.start(k, extra.args ?? [])
+        await this.chain.start(k, [], env)
         this.watch(k)
         this.h.event('start', `m${k} pid ${this.chain.members[k].proc!.pid} started`)
         await this.monitor.sample(k)
@@ -309,22 +337,31 @@ export class Nemesis {
         return
       }
       case 'powerloss': {
-        // TODO(power-loss): see Fault. Without the hook this is a plain kill and restart.
         const k = await this.resolve(f.target)
         this.h.event('fault', `${describeFault(f)} -> m${k}`)
         await this.kill(k)
-        if (this.hooks.powerLoss) await this.hooks.powerLoss(this.chain.members[k].data, this.prng)
+        const data = this.chain.members[k].data
+        if (this.hooks.powerLoss) await this.hooks.powerLoss(data, f.keep)
+        else this.h.event('powerloss', `m${k} ${losePageCache(data, f.keep)}`)
         await sleep(f.downMs)
         await this.start(k)
         return
       }
       case 'crashpoint': {
-        // TODO(crash points): see Fault. Without the hook this is a plain kill and restart.
         const k = await this.resolve(f.target)
         this.h.event('fault', `${describeFault(f)} -> m${k}`)
         await this.kill(k)
         await sleep(f.downMs)
-        await this.start(k, this.hooks.crashPoint ? { args: this.hooks.crashPoint(f.point).args } : {})
+        if (!(await this.start(k, { CHAINCHAT_CRASH_AT: `${f.point}:${f.n}` }))) return
+        const proc = this.chain.members[k].proc!
+        this.ours.add(proc) // its own death is expected
+        const died = await Promise.race([proc.exited.then(() => true), sleep(f.armedMs).then(() => false)])
+        if (died) {
+          this.chain.members[k].proc = null
+          this.stats.crashPointsHit++
+          this.h.event('crashed', `m${k} pid ${proc.pid} died at ${f.point}:${f.n}`)
+        } else await this.kill(k)
+        await this.start(k)
       }
     }
   }
