@@ -50,7 +50,11 @@ export class Committer {
   private readonly inflightRids = new Map<string, Promise<Applied>>()
   private idleWaiters: Array<() => void> = []
   private failure: ChatError | null = null
-  replicator: Replicator = { forward: (b) => this.acked(b.lastIndex) }
+  // A single server's replicator acknowledges at once. Then a write needs no batching turn of
+  // the event loop: it goes to disk at once if no fdatasync is running, and otherwise joins
+  // the next write, which collects everything that arrives while the disk is busy.
+  private readonly local: Replicator = { forward: (b) => this.acked(b.lastIndex) }
+  replicator: Replicator = this.local
 
   // inherited: records this server holds durably beyond its applied state (a new primary's
   // uncommitted tail). They are committed down the chain before anything new.
@@ -118,7 +122,8 @@ export class Committer {
       }
     })
     if (rk !== undefined) this.inflightRids.set(rk, p)
-    if (!this.flushScheduled) {
+    if (this.replicator === this.local) this.forwardQueued()
+    else if (!this.flushScheduled) {
       this.flushScheduled = true
       setImmediate(() => this.forwardQueued())
     }
