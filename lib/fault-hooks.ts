@@ -4,7 +4,9 @@
 //
 //   CHAINCHAT_CRASH_AT=<point>[:<n>]  SIGKILL this process the n-th time (default 1st) it
 //                                     reaches <point>: after-append-before-fsync,
-//                                     after-fsync-before-forward, before-reply, mid-snapshot
+//                                     after-fsync-before-forward, before-reply, mid-snapshot,
+//                                     before-resend (a successor answered a sync; nothing
+//                                     re-sent to it yet)
 //   CHAINCHAT_TRACK_DURABLE=1         after every fsync of the log, record in <data>/DURABLE
 //                                     which segment file and how many bytes of it are durable
 //   CHAINCHAT_FAIL_FSYNC_AFTER=<n>    the fsync after the first n fsyncs of the log fails (EIO)
@@ -13,7 +15,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import type { FileOps } from './storage/files.ts'
 
-export type CrashPoint = 'after-append-before-fsync' | 'after-fsync-before-forward' | 'before-reply' | 'mid-snapshot'
+export type CrashPoint = 'after-append-before-fsync' | 'after-fsync-before-forward' | 'before-reply' | 'mid-snapshot' | 'before-resend'
 
 const crashSpec = /^([a-z-]+)(?::(\d+))?$/.exec(process.env.CHAINCHAT_CRASH_AT ?? '')
 let crashCountdown = crashSpec ? Number(crashSpec[2] ?? 1) : 0

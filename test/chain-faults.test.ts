@@ -48,3 +48,35 @@ for (const [victim, name] of [[0, 'primary'], [1, 'middle']] as const) {
     stale.close()
   })
 }
+
+// The tail dies, and the primary dies just after telling the middle about the new
+// configuration, before re-sending it anything (test-only crash point before-resend, the
+// primary's second sync: the first formed the chain). The primary may have acknowledged writes
+// the middle holds but has not seen committed. The middle, now alone, must keep and commit
+// them, not discard them as unconfirmed. (The fault suite found this, seed 8: it lost six
+// acknowledged sends when the commit of the last ones had not reached the middle before the
+// relink. That needs a tighter race than a test can arrange; here the middle must at least keep
+// what it held beyond its applied index.)
+t.test('the tail dies, then the primary right after relinking to the middle: the middle keeps every acknowledged write', async t => {
+  const chain = await Chain.create(t)
+  await chain.start(0, [], { CHAINCHAT_CRASH_AT: 'before-resend:2' })
+  await chain.start(1)
+  await chain.start(2)
+  await chain.waitConverged(3)
+  await setupUsers(chain.servers, users)
+  const load = await startSends(chain.servers, users, 8)
+  await waitFor(() => load.acked() >= 300, 20_000, '300 acknowledged sends')
+  const primary = chain.members[0].proc!
+  await chain.kill(2)
+  const { signal } = await primary.exited
+  t.equal(signal, 'SIGKILL', 'the primary died at its crash point')
+  t.match(primary.stderr(), /test crash point reached/)
+  chain.members[0].proc = null
+  const base = load.acked()
+  await waitFor(() => load.acked() >= base + 50, 30_000, 'writes to resume on the middle alone')
+  await load.stop()
+  await chain.waitConverged(1)
+  const seen = await mailboxCounts([chain.servers[1]], users)
+  t.same(violations(load.outcomes, seen), [], `${load.acked()} acknowledged sends present exactly once on the survivor`)
+  t.match(chain.members[1].proc!.stderr(), /"following".*"kept":[1-9]/, 'the middle kept records beyond its applied index at the relink')
+})

@@ -139,6 +139,7 @@ class SuccessorLink {
   private onMessage (m: PeerMessage): void {
     switch (m.t) {
       case 'synced':
+        crashPoint('before-resend')
         this.ready = true
         this.next = Number(m.applied) + 1
         this.acked = Number(m.applied)
@@ -257,6 +258,13 @@ export class ChainNode {
   private progressLoggedAt = 0
   private storageFailures = 0 // writes refused in a row (a full disk); 0 once one succeeds
   private storageRetryAt = 0 // after a refused write, do not ask to join before this time
+  // Records up to here are known to match the current predecessor's log: applied ones, and those
+  // it sent (or re-sent) in this stream. Only these are acknowledged, forwarded and applied.
+  private verified = 0
+  // This member's log is a prefix of the chain's: it has followed without a break since its
+  // first sync after starting, and has not led since. Then a new predecessor that was upstream
+  // of it holds everything it holds, and nothing it holds may be thrown away.
+  private followingSinceStart = false
   private snapshotInstalledAt = 0
   commitIndex = 0
 
@@ -549,7 +557,7 @@ export class ChainNode {
   // and, if the configuration names a successor, only what that successor acknowledged too.
   // Null when the named successor is not linked.
   private ackUpstream (): number | null {
-    const mine = this.role === 'primary' && this.committer ? this.committer.lastAssigned : this.lastIndex()
+    const mine = this.role === 'primary' && this.committer ? this.committer.lastAssigned : Math.min(this.lastIndex(), this.verified)
     if (!this.hasSuccessorInPath()) return mine
     const link = this.succ
     if (!link || link.learner) return null
@@ -558,7 +566,7 @@ export class ChainNode {
 
   // The highest index this member can send to its successor right now.
   offerUpTo (): number {
-    return this.role === 'primary' && this.committer ? this.committer.lastAssigned : this.lastIndex()
+    return this.role === 'primary' && this.committer ? this.committer.lastAssigned : Math.min(this.lastIndex(), this.verified)
   }
 
   // Records [from, upTo] held in memory: recent durable ones, then (on the primary) those not
@@ -831,6 +839,14 @@ export class ChainNode {
       setTimeout(() => peer.close(), 100).unref()
       return
     }
+    // Keep what we hold if the new predecessor was upstream of us while we followed without a
+    // break (the middle died, or the primary did): it holds all of it, and some of it may be
+    // acknowledged already. Dropping it here would lose those writes if this predecessor died
+    // before resending them. Otherwise (a restart, a former primary, a learner) our suffix may
+    // never have been committed, and goes.
+    const mineAt = this.meta.chain.indexOf(this.opts.me)
+    const predAt = this.meta.chain.indexOf(peer.remote)
+    const keep = this.followingSinceStart && this.role === 'backup' && predAt >= 0 && mineAt > predAt
     if (this.role === 'primary') this.stepDown(`a newer configuration names ${peer.remote} as our predecessor`)
     try {
       this.saveMeta(cfg)
@@ -845,11 +861,16 @@ export class ChainNode {
     this.predName = peer.remote
     this.ackedUp = 0
     this.setRole(k >= 0 ? 'backup' : 'joining', `synced from ${peer.remote} at epoch ${cfg.epoch}`)
-    // Discard what was never known to be committed; the predecessor resends from here.
-    this.store.log.truncateAfter(this.state.index)
-    this.recent.truncateAfter(this.state.index)
-    this.unapplied = []
-    this.lastEpoch = this.state.lastEpoch
+    // The predecessor resends from our applied index on; what we hold is either kept (each
+    // record it resends is compared with ours: see receive) or discarded now.
+    if (!keep) {
+      this.store.log.truncateAfter(this.state.index)
+      this.recent.truncateAfter(this.state.index)
+      this.unapplied = []
+      this.lastEpoch = this.state.lastEpoch
+    }
+    this.verified = this.state.index
+    this.followingSinceStart = true
     this.commitIndex = Math.max(this.commitIndex, this.state.index)
     peer.on('message', (msg: PeerMessage) => this.onPredMessage(peer, msg))
     peer.on('close', () => this.onPredecessorLost(peer, 'link closed'))
@@ -862,7 +883,7 @@ export class ChainNode {
       }
     }, this.opts.heartbeatMs)
     peer.send({ t: 'synced', applied: this.state.index })
-    this.opts.log('info', 'following', { predecessor: peer.remote, epoch: cfg.epoch, chain: cfg.chain, learner: cfg.learner, from: this.state.index + 1 })
+    this.opts.log('info', 'following', { predecessor: peer.remote, epoch: cfg.epoch, chain: cfg.chain, learner: cfg.learner, from: this.state.index + 1, kept: keep ? this.lastIndex() - this.state.index : 0 })
     this.linkSuccessor()
   }
 
@@ -895,6 +916,7 @@ export class ChainNode {
             return
           }
           this.storageFailures = 0
+          this.verified = this.state.index
           this.snapshotInstalledAt = Date.now()
           this.snapshotChunks = []
           this.unapplied = []
@@ -914,7 +936,26 @@ export class ChainNode {
 
   // Records from the predecessor: persist them (many messages share one fsync), then forward.
   private receive (records: LogRecord[]): void {
-    if (records.length === 0) return
+    // Records we hold already (kept at the sync): the same record again is skipped; at the first
+    // that differs, ours are discarded from there on (they were never acknowledged: see verified).
+    let k = 0
+    while (k < records.length && records[k].i <= this.heldEnd()) {
+      const r = records[k]
+      const mine = this.held(r.i)
+      if (mine === undefined || r.i <= this.state.index || JSON.stringify(mine) !== JSON.stringify(r)) {
+        if (r.i <= this.state.index) break // already applied: an out-of-order stream, refused below
+        this.discardFrom(r.i)
+        break
+      }
+      this.verified = Math.max(this.verified, r.i)
+      k++
+    }
+    if (k > 0) records = records.slice(k)
+    if (records.length === 0) {
+      this.sendAck(this.ackUpstream() ?? this.ackedUp)
+      this.succ?.pump()
+      return
+    }
     const expected = this.lastIndex() + (this.receiving ? this.receiving.records.length : 0) + 1
     if (records[0].i !== expected) {
       this.opts.log('warn', 'out-of-order records from the predecessor; resyncing', { got: records[0].i, expected })
@@ -929,6 +970,40 @@ export class ChainNode {
       this.receiving.records.push(r)
       this.receiving.frames.push(encodeFrame(r))
     }
+    this.verified = records[records.length - 1].i
+  }
+
+  // The last index held: durable, or received and about to be written.
+  private heldEnd (): number {
+    return this.lastIndex() + (this.receiving ? this.receiving.records.length : 0)
+  }
+
+  // The record held at index i (beyond the applied state), if any.
+  private held (i: number): LogRecord | undefined {
+    const last = this.lastIndex()
+    if (i > last) return this.receiving?.records[i - last - 1]
+    const first = this.unapplied.length > 0 ? this.unapplied[0].i : last + 1
+    const r = this.unapplied[i - first]
+    return r?.i === i ? r : undefined
+  }
+
+  // Throw away every record held from index i on (never an applied one).
+  private discardFrom (i: number): void {
+    const keepTo = Math.max(i - 1, this.state.index)
+    this.opts.log('warn', 'discarding records the predecessor does not hold', { from: keepTo + 1, to: this.heldEnd() })
+    if (this.receiving) {
+      const n = this.receiving.records.findIndex(r => r.i > keepTo)
+      if (n >= 0) {
+        this.receiving.records.splice(n)
+        this.receiving.frames.splice(n)
+      }
+    }
+    if (keepTo < this.lastIndex()) {
+      this.store.log.truncateAfter(keepTo)
+      this.recent.truncateAfter(keepTo)
+      this.unapplied = this.unapplied.filter(r => r.i <= keepTo)
+    }
+    this.verified = Math.min(this.verified, keepTo)
   }
 
   private persistReceived (): void {
@@ -968,7 +1043,8 @@ export class ChainNode {
     if (!Number.isSafeInteger(commit)) return
     if (commit > this.commitIndex) this.commitIndex = commit
     let n = 0
-    while (n < this.unapplied.length && this.unapplied[n].i <= this.commitIndex) this.state.apply(this.unapplied[n++])
+    const upTo = this.role === 'primary' ? this.commitIndex : Math.min(this.commitIndex, this.verified)
+    while (n < this.unapplied.length && this.unapplied[n].i <= upTo) this.state.apply(this.unapplied[n++])
     if (n > 0) {
       this.unapplied.splice(0, n)
       this.store.maybeSnapshot(this.state)
