@@ -6,7 +6,7 @@
 
 import net from 'node:net'
 import { parseArgs } from 'node:util'
-import { UsageError } from '../config.ts'
+import { UsageError, flagsOrExit } from '../config.ts'
 
 const timeoutMs = 1000 // per member: connect, ask, read the reply
 const maxMembers = 64 // stop discovering after this many (a chain is a handful)
@@ -246,19 +246,8 @@ export function toJson (r: Report): { ok: boolean, problems: string[], members: 
 // ---- the executable -----------------------------------------------------------------------------
 
 export async function main (argv: string[]): Promise<void> {
-  let flags
-  try {
-    flags = parseFlags(argv)
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e
-    process.stderr.write(`chainchat-status: ${e.message}\n\n${usage}`)
-    process.exitCode = 2
-    return
-  }
-  if (flags.help) {
-    process.stdout.write(usage)
-    return
-  }
+  const flags = flagsOrExit('chainchat-status', usage, () => parseFlags(argv))
+  if (flags === null) return
   if (!flags.watch) {
     const r = assess(await collect(flags.addrs))
     process.stdout.write(flags.json ? JSON.stringify(toJson(r), null, 2) + '\n' : formatReport(r))
