@@ -19,10 +19,10 @@ import path from 'node:path'
 import type { Message } from '../lib/client.ts'
 
 const seeds = (process.env.CHAINCHAT_FAULT_SEEDS ?? '3,21,25').split(',').map(Number).filter(Number.isInteger)
-const durationMs = 13_000
+const durationMs = 20_000
 const clients = 10
 
-// A run is about 13 s of faults plus start, heal, checks and stop: give it room on a loaded machine.
+// A run is 20 s of faults plus start, heal, checks and stop: give it room on a loaded machine.
 t.setTimeout(seeds.length * 150_000 + 30_000)
 
 t.test('a power loss keeps what DURABLE says was fsync\'d and part of the rest, never less', async t => {
