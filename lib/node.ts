@@ -75,7 +75,8 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       warn: (msg, f) => log('warn', msg, f),
       info: (msg, f) => log('info', msg, f),
       snapshotEveryRecords: config.snapshotEveryRecords,
-      snapshotEveryBytes: config.snapshotEveryBytes
+      snapshotEveryBytes: config.snapshotEveryBytes,
+      backgroundSnapshots: true
     })
     // A chain member applies only what it knows was committed; the rest waits for the chain.
     if (config.peers !== null || config.join !== null) meta = new MetaStore(dir, opts.files).load()

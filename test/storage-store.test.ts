@@ -8,6 +8,7 @@ import { encodeFrame } from '../lib/storage/framing.ts'
 import { realFiles } from '../lib/storage/files.ts'
 import { ChatState } from '../lib/state.ts'
 import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles, stateView } from './helpers/storage.ts'
+import { waitFor } from './helpers/spawn.ts'
 
 const snapName = (index: number): string => `snapshot-${String(index).padStart(20, '0')}.snap`
 
@@ -341,4 +342,47 @@ t.test('a snapshot whose new log segment cannot be created leaves the log usable
   const back = thrown(() => reopen(t, dir))
   t.equal(back, undefined, 'recoverable')
   if (back === undefined) t.same(stateView(reopen(t, dir).state), stateView(state))
+})
+
+// Snapshots written a slice at a time (as the server takes them): the copy is made at once, the
+// log goes on meanwhile, and the covered segments go once the snapshot is in place.
+t.test('background snapshots: written in slices while the log goes on, then the covered log is dropped', async t => {
+  const dir = tempDir(t, 'store')
+  const { store, infos, warnings } = openStore({ dir, snapshotEveryRecords: 10, backgroundSnapshots: true })
+  const { state } = store.recover()
+  drive(store, state, 1, 10)
+  t.same(fs.readdirSync(dir).sort(), [segmentName(1), segmentName(11), snapName(10) + '.tmp'], 'at 10: a new segment at once; the snapshot is still being written')
+  drive(store, state, 11, 14) // the log goes on meanwhile; no second snapshot starts
+  await waitFor(() => infos.some(i => i.msg === 'snapshot written'), 5000, 'the snapshot')
+  t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10)], 'in place, and the covered segment gone')
+  t.same(warnings, [])
+  store.close()
+  const back = reopen(t, dir)
+  t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 10, replayed: 4 })
+  t.same(stateView(back.state), stateView(replayed(14)))
+})
+
+t.test('background snapshots: a failed write leaves the log whole and retries a full interval later; close cancels one', async t => {
+  const dir = tempDir(t, 'store')
+  const ff = faultyFiles()
+  const { store, infos, warnings } = openStore({ dir, files: ff.files, snapshotEveryRecords: 5, backgroundSnapshots: true })
+  const { state } = store.recover()
+  ff.hooks.fsync = (_fd, cb) => { setImmediate(cb, errnoError('EIO')) }
+  drive(store, state, 1, 5)
+  await waitFor(() => warnings.length > 0, 5000, 'the failure')
+  t.match(warnings[0], { msg: /snapshot failed/, fields: { error: /EIO/ } })
+  t.notOk(fs.readdirSync(dir).some(f => f.startsWith('snapshot-')), 'no snapshot file, not even a temporary one')
+  delete ff.hooks.fsync
+  drive(store, state, 6, 9)
+  t.equal(infos.length, 0, 'no retry before 10')
+  drive(store, state, 10, 10)
+  await waitFor(() => infos.length > 0, 5000, 'the retry')
+  t.ok(fs.existsSync(path.join(dir, snapName(10))))
+  // A snapshot still being written when the store closes is abandoned, temporary file and all.
+  drive(store, state, 11, 20)
+  store.close()
+  await new Promise(resolve => setTimeout(resolve, 50))
+  t.notOk(fs.readdirSync(dir).some(f => f.endsWith('.tmp')), 'no temporary file left')
+  const back = reopen(t, dir)
+  t.same(stateView(back.state), stateView(replayed(20)), 'everything recovers from the snapshot at 10 and the log')
 })

@@ -10,6 +10,7 @@ export interface FileOps {
   fdatasyncSync: typeof fs.fdatasyncSync
   fdatasync: (fd: number, cb: (err: NodeJS.ErrnoException | null) => void) => void
   fsyncSync: typeof fs.fsyncSync
+  fsync: (fd: number, cb: (err: NodeJS.ErrnoException | null) => void) => void
   ftruncateSync: typeof fs.ftruncateSync
   fstatSync: (fd: number) => fs.Stats
   readFileSync: (path: string) => Buffer
@@ -26,6 +27,7 @@ export const realFiles: FileOps = {
   fdatasyncSync: fs.fdatasyncSync,
   fdatasync: (fd, cb) => { fs.fdatasync(fd, cb) },
   fsyncSync: fs.fsyncSync,
+  fsync: (fd, cb) => { fs.fsync(fd, cb) },
   ftruncateSync: fs.ftruncateSync,
   fstatSync: (fd) => fs.fstatSync(fd),
   readFileSync: (p) => fs.readFileSync(p),

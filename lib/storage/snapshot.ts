@@ -66,6 +66,67 @@ export function writeSnapshot (files: FileOps, dir: string, index: number, chunk
   return final
 }
 
+// The same, written a slice at a time across turns of the event loop, with the fsync off the
+// loop, so a large state does not stall the server. `chunks` must be a copy that does not
+// change meanwhile. `cancelled` is asked before each slice; a cancelled or failed write removes
+// its temporary file. `done` gets the final path, or the error.
+export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: object[], cancelled: () => boolean, done: (err: Error | null, file: string) => void, sliceBytes = 4 * 1024 * 1024): void {
+  const final = path.join(dir, snapshotName(index))
+  const tmp = final + '.tmp'
+  const all = [{ kind: 'head', index }, ...chunks, { kind: 'end', index }]
+  let fd = -1
+  let next = 0
+  const fail = (e: unknown): void => {
+    if (fd >= 0) try { files.closeSync(fd) } catch { /* closing is best effort here */ }
+    try { files.unlinkSync(tmp) } catch { /* a stale temporary file is removed at the next start */ }
+    done(e instanceof Error ? e : new Error(String(e)), final)
+  }
+  const step = (): void => {
+    if (cancelled()) {
+      fail(new Error('snapshot cancelled'))
+      return
+    }
+    try {
+      if (fd < 0) fd = files.openSync(tmp, 'w')
+      const pending: Buffer[] = []
+      let bytes = 0
+      while (next < all.length && bytes < sliceBytes) {
+        const frame = encodeFrame(all[next++])
+        pending.push(frame)
+        bytes += frame.length
+        if (next === 2) break // write the head and the first chunk alone: see mid-snapshot below
+      }
+      writeAll(files, fd, Buffer.concat(pending, bytes))
+      if (next === 2) crashPoint('mid-snapshot')
+    } catch (e) {
+      fail(e)
+      return
+    }
+    if (next < all.length) {
+      setImmediate(step)
+      return
+    }
+    files.fsync(fd, (err) => {
+      if (err) {
+        fail(err)
+        return
+      }
+      try {
+        files.closeSync(fd)
+        fd = -1
+        if (cancelled()) throw new Error('snapshot cancelled')
+        files.renameSync(tmp, final)
+        fsyncDir(files, dir)
+      } catch (e) {
+        fail(e)
+        return
+      }
+      done(null, final)
+    })
+  }
+  step()
+}
+
 function listSnapshots (files: FileOps, dir: string): Array<{ index: number, file: string }> {
   return files.readdirSync(dir)
     .map(f => snapshotPattern.exec(f))

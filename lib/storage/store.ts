@@ -5,7 +5,7 @@ import fs from 'node:fs'
 import { ChatState } from '../state.ts'
 import type { LogRecord } from '../records.ts'
 import { SegmentLog, type Warn } from './log.ts'
-import { writeSnapshot, openNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
+import { writeSnapshot, writeSnapshotInSlices, openNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
 import { type FileOps, realFiles } from './files.ts'
 import { limits } from '../limits.ts'
 import type { ChatError } from '../errors.ts'
@@ -17,6 +17,9 @@ export interface StoreOptions {
   info?: Warn
   snapshotEveryRecords?: number
   snapshotEveryBytes?: number
+  // Write the snapshots maybeSnapshot takes a slice at a time, between other work (the server
+  // does); otherwise it writes them at once (simpler to test).
+  backgroundSnapshots?: boolean
 }
 
 export interface Recovered {
@@ -38,6 +41,8 @@ export class Store {
   private snapshotIndex = 0
   private bytesSinceSnapshot = 0
   private retryAfterIndex = 0 // after a failed snapshot, wait a full interval before the next try
+  private readonly background: boolean
+  private writing: { index: number, cancelled: boolean } | null = null // a snapshot being written in slices
 
   constructor (opts: StoreOptions) {
     this.dir = opts.dir
@@ -46,6 +51,7 @@ export class Store {
     this.info = opts.info ?? (() => {})
     this.everyRecords = opts.snapshotEveryRecords ?? limits.snapshotEveryRecords
     this.everyBytes = opts.snapshotEveryBytes ?? limits.snapshotEveryBytes
+    this.background = opts.backgroundSnapshots ?? false
     fs.mkdirSync(this.dir, { recursive: true })
     this.log = new SegmentLog(this.dir, this.files, this.warn)
   }
@@ -73,6 +79,7 @@ export class Store {
   // Replace everything with a snapshot received from a peer: write it durably, then start an
   // empty log after it. Returns the state it holds.
   installSnapshot (chunks: Array<Record<string, unknown>>): ChatState {
+    this.cancelBackground()
     const state = ChatState.fromSnapshotChunks(chunks)
     writeSnapshot(this.files, this.dir, state.index, state.snapshotChunks())
     this.snapshotIndex = state.index
@@ -100,13 +107,63 @@ export class Store {
   // behind the log's end. Snapshot failures are logged and retried later: the log still holds
   // everything, so no data is at risk.
   maybeSnapshot (state: ChatState): void {
+    if (this.writing) return
     if (state.index - this.snapshotIndex < this.everyRecords && this.bytesSinceSnapshot < this.everyBytes) return
     if (state.index < this.retryAfterIndex) return
-    this.snapshot(state)
+    if (this.background) this.snapshotInSlices(state)
+    else this.snapshot(state)
+  }
+
+  // Take a consistent copy of the state now (about 0.3 s for a million messages), start a new
+  // log segment, then encode and write the copy a slice at a time while the server goes on.
+  // Once it is in place, the segments it covers are deleted.
+  private snapshotInSlices (state: ChatState): void {
+    if (state.index === this.snapshotIndex) return
+    const index = state.index
+    const started = Date.now()
+    let chunks: object[]
+    try {
+      chunks = [...state.snapshotChunks()]
+      this.log.roll()
+    } catch (e) {
+      this.failed(index, e)
+      return
+    }
+    this.bytesSinceSnapshot = 0
+    const run = { index, cancelled: false }
+    this.writing = run
+    writeSnapshotInSlices(this.files, this.dir, index, chunks, () => run.cancelled, (err, file) => {
+      if (this.writing === run) this.writing = null
+      if (run.cancelled) return
+      if (err) {
+        this.failed(index, err)
+        return
+      }
+      if (index <= this.snapshotIndex) return
+      try {
+        this.snapshotIndex = index
+        const segments = this.log.compact(index)
+        removeOldSnapshots(this.files, this.dir, index)
+        this.info('snapshot written', { file, index, ms: Date.now() - started, segmentsRemoved: segments })
+      } catch (e) {
+        this.warn('removing what the snapshot covers failed; the next snapshot retries', { error: String(e) })
+      }
+    })
+  }
+
+  private failed (index: number, e: unknown): void {
+    this.retryAfterIndex = index + this.everyRecords
+    this.warn('snapshot failed; the log still holds everything', { error: String(e) })
+  }
+
+  private cancelBackground (): void {
+    if (this.writing) this.writing.cancelled = true
+    this.writing = null
   }
 
   snapshot (state: ChatState): void {
     if (state.index === this.snapshotIndex) return
+    this.cancelBackground()
     const started = Date.now()
     try {
       const file = writeSnapshot(this.files, this.dir, state.index, state.snapshotChunks())
@@ -117,12 +174,12 @@ export class Store {
       removeOldSnapshots(this.files, this.dir, state.index)
       this.info('snapshot written', { file, index: state.index, ms: Date.now() - started, segmentsRemoved: segments })
     } catch (e) {
-      this.retryAfterIndex = state.index + this.everyRecords
-      this.warn('snapshot failed; the log still holds everything', { error: String(e) })
+      this.failed(state.index, e)
     }
   }
 
   close (): void {
+    this.cancelBackground()
     this.log.close()
   }
 }
