@@ -173,9 +173,10 @@ function hashRid (key: string, ts: number, reply: Reply): void {
 class MultisetDigest {
   private a = 0
   private b = 0
-  // Add or remove the entry hashed last (hx, hy).
-  add (): void { this.addLanes(hx, hy) }
-  remove (): void { this.removeLanes(hx, hy) }
+  addAccount (a: Account): void { hashAccount(a); this.addLanes(hx, hy) }
+  removeAccount (a: Account): void { hashAccount(a); this.removeLanes(hx, hy) }
+  addMessage (owner: string, m: StoredMessage): void { hashMessage(owner, m); this.addLanes(hx, hy) }
+  removeMessage (owner: string, m: StoredMessage): void { hashMessage(owner, m); this.removeLanes(hx, hy) }
   addLanes (x: number, y: number): void { this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
   removeLanes (x: number, y: number): void { this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
   hex (): string { return this.a.toString(16).padStart(8, '0') + this.b.toString(16).padStart(8, '0') }
@@ -247,9 +248,8 @@ export class ChatState {
         if (!from) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
         const stored: StoredMessage = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts, read: false }
         to.mailbox.add(stored)
-        hashMessage(to.key, stored)
-        this.digestAcc.add()
-        const m: Message = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts }
+        this.digestAcc.addMessage(to.key, stored)
+        const m = publicMessage(stored)
         return { reply: { ok: true, message: m }, effects: { push: m } }
       }
       case 'read': {
@@ -276,8 +276,7 @@ export class ChatState {
         for (const id of new Set(r.ids)) {
           const m = a.mailbox.byId.get(id)
           if (m && a.mailbox.remove(id)) {
-            hashMessage(a.key, m)
-            this.digestAcc.remove()
+            this.digestAcc.removeMessage(a.key, m)
             deleted++
           } else missing.push(id)
         }
@@ -297,29 +296,23 @@ export class ChatState {
   private markRead (a: Account, id: number): void {
     const m = a.mailbox.byId.get(id)
     if (!m || m.read) return
-    hashMessage(a.key, m)
-    this.digestAcc.remove()
+    this.digestAcc.removeMessage(a.key, m)
     m.read = true
     a.mailbox.unread.delete(id)
-    hashMessage(a.key, m)
-    this.digestAcc.add()
+    this.digestAcc.addMessage(a.key, m)
   }
 
   private addAccount (a: Account): void {
     this.accounts.set(a.key, a)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 0, a.key)
-    hashAccount(a)
-    this.digestAcc.add()
+    this.digestAcc.addAccount(a)
   }
 
   private removeAccount (a: Account): void {
     for (const id of a.mailbox.ids) {
-      const m = a.mailbox.byId.get(id)!
-      hashMessage(a.key, m)
-      this.digestAcc.remove()
+      this.digestAcc.removeMessage(a.key, a.mailbox.byId.get(id)!)
     }
-    hashAccount(a)
-    this.digestAcc.remove()
+    this.digestAcc.removeAccount(a)
     this.accounts.delete(a.key)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
   }
@@ -328,7 +321,7 @@ export class ChatState {
     hashRid(key, ts, reply)
     this.rids.set(key, { ts, reply, hx, hy })
     this.ridOrder.push(key)
-    this.digestAcc.add()
+    this.digestAcc.addLanes(hx, hy)
     if (this.rids.size > limits.ridsMax) {
       const oldKey = this.ridOrder[this.ridHead++]
       const old = this.rids.get(oldKey)!
@@ -417,8 +410,7 @@ export class ChatState {
           for (const [id, from, to, text, ts, read] of c.messages) {
             const m: StoredMessage = { id, from, to, text, ts, read: read === 1 }
             a.mailbox.add(m)
-            hashMessage(a.key, m)
-            st.digestAcc.add()
+            st.digestAcc.addMessage(a.key, m)
           }
           break
         }

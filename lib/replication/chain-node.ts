@@ -557,7 +557,7 @@ export class ChainNode {
   // and, if the configuration names a successor, only what that successor acknowledged too.
   // Null when the named successor is not linked.
   private ackUpstream (): number | null {
-    const mine = this.role === 'primary' && this.committer ? this.committer.lastAssigned : Math.min(this.lastIndex(), this.verified)
+    const mine = this.offerUpTo()
     if (!this.hasSuccessorInPath()) return mine
     const link = this.succ
     if (!link || link.learner) return null
@@ -941,9 +941,9 @@ export class ChainNode {
     let k = 0
     while (k < records.length && records[k].i <= this.heldEnd()) {
       const r = records[k]
+      if (r.i <= this.state.index) break // already applied: an out-of-order stream, refused below
       const mine = this.held(r.i)
-      if (mine === undefined || r.i <= this.state.index || JSON.stringify(mine) !== JSON.stringify(r)) {
-        if (r.i <= this.state.index) break // already applied: an out-of-order stream, refused below
+      if (mine === undefined || JSON.stringify(mine) !== JSON.stringify(r)) {
         this.discardFrom(r.i)
         break
       }
@@ -956,7 +956,7 @@ export class ChainNode {
       this.succ?.pump()
       return
     }
-    const expected = this.lastIndex() + (this.receiving ? this.receiving.records.length : 0) + 1
+    const expected = this.heldEnd() + 1
     if (records[0].i !== expected) {
       this.opts.log('warn', 'out-of-order records from the predecessor; resyncing', { got: records[0].i, expected })
       this.pred?.close()

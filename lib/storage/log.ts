@@ -223,10 +223,7 @@ export class SegmentLog {
     // With an appendAsync in flight the file holds more than lastIndex: cut that off too.
     if (index >= this.lastIndex && !this.syncing) return
     if (this.failure) throw this.failure
-    this.files.closeSync(this.fd)
-    this.fd = -1
-    this.generation++
-    this.syncing = false
+    this.close()
     while (this.segments.length > 1 && this.segments[this.segments.length - 1].firstIndex > index + 1) {
       this.files.unlinkSync(this.segments.pop()!.file)
     }

@@ -42,7 +42,7 @@ export class Store {
   private bytesSinceSnapshot = 0
   private retryAfterIndex = 0 // after a failed snapshot, wait a full interval before the next try
   private readonly background: boolean
-  private writing: { index: number, cancelled: boolean } | null = null // a snapshot being written in slices
+  private writing: { cancelled: boolean } | null = null // a snapshot being written in slices
 
   constructor (opts: StoreOptions) {
     this.dir = opts.dir
@@ -130,7 +130,7 @@ export class Store {
       return
     }
     this.bytesSinceSnapshot = 0
-    const run = { index, cancelled: false }
+    const run = { cancelled: false }
     this.writing = run
     writeSnapshotInSlices(this.files, this.dir, index, chunks, () => run.cancelled, (err, file) => {
       if (this.writing === run) this.writing = null
