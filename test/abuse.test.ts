@@ -7,7 +7,7 @@ import net from 'node:net'
 import path from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { Chain } from './helpers/chain.ts'
-import { RawConn, tmpDir, waitFor } from './helpers/spawn.ts'
+import { RawConn, tmpDir, waitFor, floodWithoutReading } from './helpers/spawn.ts'
 import { setupUsers } from './helpers/workload.ts'
 import { connectPeer, type PeerMessage } from '../lib/replication/peer.ts'
 
@@ -58,15 +58,7 @@ t.test('abuse against a chain', async t => {
   await t.test('a client that never reads its replies', async t => {
     // It sends 40 MB of requests without reading: once its replies back up, the primary stops
     // reading from it (a client pushed past the outbound bound is cut off: test/server.test.ts).
-    const sock = net.connect(primary.port, primary.host)
-    sock.on('error', () => {})
-    t.teardown(() => { sock.destroy() })
-    await new Promise(resolve => sock.once('connect', resolve))
-    sock.pause()
-    const ping = Buffer.from(JSON.stringify({ op: 'ping', id: 'x'.repeat(100) }) + '\n')
-    const chunk = Buffer.concat(new Array(1000).fill(ping))
-    let written = 0
-    while (written < 40_000_000 && sock.write(chunk)) written += chunk.length
+    const { written } = await floodWithoutReading(t, primary.port, primary.host)
     t.ok(written < 40_000_000, `the client's writes back up after ${written} bytes`)
     for (let n = 0; n < 5; n++) t.ok(await servedWithinMs(primary.port) < 1000, 'another client is served promptly')
     t.ok(rssKb(primary.proc!.pid) < 400_000, `memory bounded (${rssKb(primary.proc!.pid)} kB)`)

@@ -3,7 +3,7 @@
 import t from 'tap'
 import fs from 'node:fs'
 import net from 'node:net'
-import { startServer, runServer, tmpDir, RawConn, waitFor } from './helpers/spawn.ts'
+import { startServer, runServer, tmpDir, RawConn, waitFor, floodWithoutReading } from './helpers/spawn.ts'
 
 t.test('the executable: readiness line, flags, signals', async t => {
   const data = tmpDir(t, 'exe')
@@ -190,13 +190,7 @@ t.test('a client that never reads: bounded buffers, others still served', async 
 
   // 1: requests without reading the replies. The server stops reading this connection once its
   // replies back up; it must not buffer the 40 MB of requests.
-  const sock = net.connect(s.port, '127.0.0.1')
-  await new Promise(resolve => sock.once('connect', resolve))
-  sock.pause()
-  const ping = Buffer.from(JSON.stringify({ op: 'ping', id: 'x'.repeat(100) }) + '\n')
-  const chunk = Buffer.concat(new Array(1000).fill(ping))
-  let written = 0
-  while (written < 40_000_000 && sock.write(chunk)) written += chunk.length
+  const { sock } = await floodWithoutReading(t, s.port)
   const started = Date.now()
   t.same(await setup.req({ op: 'ping', id: 'meanwhile' }), { ok: true, id: 'meanwhile' })
   t.ok(Date.now() - started < 1000, 'another client is served promptly')

@@ -7,7 +7,7 @@ import { encodeFrame } from '../lib/storage/framing.ts'
 import { Store } from '../lib/storage/store.ts'
 import { ChatError } from '../lib/errors.ts'
 import type { LogRecord } from '../lib/records.ts'
-import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles } from './helpers/storage.ts'
+import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles, type FaultyFiles } from './helpers/storage.ts'
 
 interface Warning { msg: string, fields?: Record<string, unknown> }
 
@@ -15,6 +15,17 @@ function openLog (dir: string, files: FileOps = realFiles): { log: SegmentLog, w
   const warnings: Warning[] = []
   const warn: Warn = (msg, fields) => { warnings.push({ msg, fields }) }
   return { log: new SegmentLog(dir, files, warn), warnings }
+}
+
+// A store over a file system whose calls can be intercepted, holding records 1..n in its first
+// segment (`file`).
+function faultyStore (t: Test, n: number): { dir: string, ff: FaultyFiles, store: Store, file: string } {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const store = new Store({ dir, files: ff.files })
+  store.recover()
+  store.append(batch(records(1, n)))
+  return { dir, ff, store, file: path.join(dir, segmentName(1)) }
 }
 
 // Recover the log in dir from scratch and close it again: the records it holds, and the result.
@@ -322,12 +333,7 @@ t.test('a log that ends before the snapshot index can be recovered, appended to,
 })
 
 t.test('ENOSPC partway through a batch: cut back, still usable, nothing of it recovered', async t => {
-  const dir = tempDir(t)
-  const ff = faultyFiles()
-  const store = new Store({ dir, files: ff.files })
-  store.recover()
-  store.append(batch(records(1, 5)))
-  const file = path.join(dir, segmentName(1))
+  const { dir, ff, store, file } = faultyStore(t, 5)
   const before = fs.statSync(file).size
   t.equal(store.log.currentSegmentBytes, before)
 
@@ -363,12 +369,7 @@ t.test('ENOSPC partway through a batch: cut back, still usable, nothing of it re
 })
 
 t.test('a failure to cut back a failed write fails the log', async t => {
-  const dir = tempDir(t)
-  const ff = faultyFiles()
-  const store = new Store({ dir, files: ff.files })
-  store.recover()
-  store.append(batch(records(1, 2)))
-  const file = path.join(dir, segmentName(1))
+  const { dir, ff, store, file } = faultyStore(t, 2)
   const before = fs.statSync(file).size
   let writes = 0
   ff.hooks.writeSync = (fd, buf, offset, length, position) => {
@@ -392,12 +393,7 @@ t.test('a failure to cut back a failed write fails the log', async t => {
 })
 
 t.test('fdatasync EIO fails the log: every later append throws without writing', async t => {
-  const dir = tempDir(t)
-  const ff = faultyFiles()
-  const store = new Store({ dir, files: ff.files })
-  store.recover()
-  store.append(batch(records(1, 3)))
-  const file = path.join(dir, segmentName(1))
+  const { ff, store, file } = faultyStore(t, 3)
   const eio = errnoError('EIO', 'i/o error')
   ff.hooks.fdatasyncSync = () => { throw eio }
   const e = thrown(() => store.append(batch([record(4)])))
@@ -424,12 +420,7 @@ function appendAsync (store: Store, rs: LogRecord[]): Promise<ChatError | null> 
 }
 
 t.test('appendAsync: durable and counted only once its fdatasync is done; one at a time', async t => {
-  const dir = tempDir(t)
-  const ff = faultyFiles()
-  const store = new Store({ dir, files: ff.files })
-  store.recover()
-  store.append(batch(records(1, 2)))
-  const file = path.join(dir, segmentName(1))
+  const { dir, ff, store, file } = faultyStore(t, 2)
   const done = appendAsync(store, records(3, 5))
   t.equal(ff.calls.fdatasync, 1, 'the fdatasync was started')
   t.equal(store.log.lastIndex, 2, 'not counted while the fdatasync runs')
@@ -446,12 +437,7 @@ t.test('appendAsync: durable and counted only once its fdatasync is done; one at
 })
 
 t.test('appendAsync: a failed fdatasync fails the log and takes the batch back out', async t => {
-  const dir = tempDir(t)
-  const ff = faultyFiles()
-  const store = new Store({ dir, files: ff.files })
-  store.recover()
-  store.append(batch(records(1, 3)))
-  const file = path.join(dir, segmentName(1))
+  const { dir, ff, store, file } = faultyStore(t, 3)
   const size = fs.statSync(file).size
   const eio = errnoError('EIO', 'i/o error')
   ff.hooks.fdatasync = (_fd, cb) => { setImmediate(cb, eio) }
@@ -468,11 +454,7 @@ t.test('appendAsync: a failed fdatasync fails the log and takes the batch back o
 })
 
 t.test('appendAsync: a log truncated while the fdatasync runs reports it and is not failed', async t => {
-  const dir = tempDir(t)
-  const ff = faultyFiles()
-  const store = new Store({ dir, files: ff.files })
-  store.recover()
-  store.append(batch(records(1, 3)))
+  const { dir, ff, store } = faultyStore(t, 3)
   let release: () => void = () => {}
   ff.hooks.fdatasync = (fd, cb) => { release = () => ff.real.fdatasync(fd, cb) }
   const done = appendAsync(store, records(4, 6))

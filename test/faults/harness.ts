@@ -8,7 +8,7 @@ import path from 'node:path'
 import { Chain } from '../helpers/chain.ts'
 import type { Teardown } from '../helpers/spawn.ts'
 import { History, excerpt } from './history.ts'
-import { Monitor, Nemesis, makeSchedule, describeFault, type FaultHooks, type Step } from './nemesis.ts'
+import { Monitor, Nemesis, makeSchedule, describeFault, type Step } from './nemesis.ts'
 import { Workload } from './workload.ts'
 import { check, collectFinal, type Anomaly, type FinalState } from './checker.ts'
 
@@ -20,7 +20,6 @@ export interface RunOptions {
   snapshotEvery?: number // --snapshot-every-records for the servers (default: the server's own)
   t: Teardown
   log?: (line: string) => void
-  hooks?: FaultHooks
   historyFile?: string // write the whole history (JSON) here; by default only on anomalies, to a temp file
 }
 
@@ -77,7 +76,7 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
   await chain.waitConverged(3, 30_000)
   h.event('ready', `chain ${chain.servers.join(', ')} converged`)
   const monitor = new Monitor(chain, h)
-  const nemesis = new Nemesis(chain, h, monitor, opts.hooks)
+  const nemesis = new Nemesis(chain, h, monitor)
   for (let k = 0; k < 3; k++) nemesis.watch(k)
   monitor.start()
 

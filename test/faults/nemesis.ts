@@ -43,11 +43,6 @@ export type FaultKind = Fault['kind']
 export const memberCrashPoints = ['after-append-before-fsync', 'after-fsync-before-forward', 'mid-snapshot'] as const
 export type CrashPoint = typeof memberCrashPoints[number]
 
-// Replacements for the built-in power loss, for tests of the nemesis itself.
-export interface FaultHooks {
-  powerLoss?: (dataDir: string, keep: number) => Promise<void>
-}
-
 // Cut the log of a killed member back as a power loss would: keep what DURABLE says was fsync'd,
 // and `keep` (0 to 1) of the bytes written after it. Returns what was done, for the history.
 export function losePageCache (dataDir: string, keep: number): string {
@@ -213,7 +208,7 @@ export class Nemesis {
   private readonly watched = new WeakSet<ServerProc>()
   private stopping = false
 
-  constructor (private readonly chain: Chain, private readonly h: History, private readonly monitor: Monitor, private readonly hooks: FaultHooks = {}) {}
+  constructor (private readonly chain: Chain, private readonly h: History, private readonly monitor: Monitor) {}
 
   // Report a member process that dies without the nemesis killing it.
   watch (k: number): void {
@@ -302,20 +297,27 @@ export class Nemesis {
     return false
   }
 
+  // Resolve a fault's target to a member, and record the fault against it.
+  private async aim (f: Fault, spec: TargetSpec): Promise<number> {
+    const k = await this.resolve(spec)
+    this.h.event('fault', `${describeFault(f)} -> m${k}`)
+    return k
+  }
+
   async execute (f: Fault): Promise<void> {
     this.stats.injected[f.kind] = (this.stats.injected[f.kind] ?? 0) + 1
     switch (f.kind) {
-      case 'kill': {
-        const k = await this.resolve(f.target)
-        this.h.event('fault', `${describeFault(f)} -> m${k}`)
+      case 'kill':
+      case 'powerloss': {
+        const k = await this.aim(f, f.target)
         await this.kill(k)
+        if (f.kind === 'powerloss') this.h.event('powerloss', `m${k} ${losePageCache(this.chain.members[k].data, f.keep)}`)
         await sleep(f.downMs)
         await this.start(k)
         return
       }
       case 'pause': {
-        const k = await this.resolve(f.target)
-        this.h.event('fault', `${describeFault(f)} -> m${k}`)
+        const k = await this.aim(f, f.target)
         this.pause(k)
         await sleep(f.pauseMs)
         this.resume(k)
@@ -336,20 +338,8 @@ export class Nemesis {
         await this.start(order[1])
         return
       }
-      case 'powerloss': {
-        const k = await this.resolve(f.target)
-        this.h.event('fault', `${describeFault(f)} -> m${k}`)
-        await this.kill(k)
-        const data = this.chain.members[k].data
-        if (this.hooks.powerLoss) await this.hooks.powerLoss(data, f.keep)
-        else this.h.event('powerloss', `m${k} ${losePageCache(data, f.keep)}`)
-        await sleep(f.downMs)
-        await this.start(k)
-        return
-      }
       case 'crashpoint': {
-        const k = await this.resolve(f.target)
-        this.h.event('fault', `${describeFault(f)} -> m${k}`)
+        const k = await this.aim(f, f.target)
         await this.kill(k)
         await sleep(f.downMs)
         if (!(await this.start(k, { CHAINCHAT_CRASH_AT: `${f.point}:${f.n}` }))) return

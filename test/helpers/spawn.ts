@@ -202,6 +202,21 @@ export class RawConn {
 }
 
 // Poll fn until it returns a truthy value, or fail after the deadline.
+// A client that sends requests and never reads the replies: pings with 100-byte ids, up to
+// 40 MB, written until its own socket stops taking more. Destroyed at teardown at the latest.
+export async function floodWithoutReading (t: Teardown, port: number, host = '127.0.0.1'): Promise<{ sock: net.Socket, written: number }> {
+  const sock = net.connect(port, host)
+  sock.on('error', () => {})
+  t.teardown(() => { sock.destroy() })
+  await new Promise(resolve => sock.once('connect', resolve))
+  sock.pause()
+  const ping = Buffer.from(JSON.stringify({ op: 'ping', id: 'x'.repeat(100) }) + '\n')
+  const chunk = Buffer.concat(new Array(1000).fill(ping))
+  let written = 0
+  while (written < 40_000_000 && sock.write(chunk)) written += chunk.length
+  return { sock, written }
+}
+
 export async function waitFor<T> (fn: () => T | Promise<T>, timeoutMs: number, what: string, everyMs = 20): Promise<NonNullable<T>> {
   const end = Date.now() + timeoutMs
   let last: unknown
