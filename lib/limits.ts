@@ -28,6 +28,8 @@ export const limits = {
   recordBytesMax: 1024 * 1024,
   snapshotEveryRecords: 100_000,
   snapshotEveryBytes: 64 * 1024 * 1024,
+  // the server extends its open log segment with zeros this much at a time (see storage/log.ts)
+  logPreallocateBytes: 1024 * 1024,
   // exactly-once table: oldest entries are evicted first, deterministically, by count
   ridsMax: 100_000,
 

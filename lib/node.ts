@@ -76,7 +76,8 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       info: (msg, f) => log('info', msg, f),
       snapshotEveryRecords: config.snapshotEveryRecords,
       snapshotEveryBytes: config.snapshotEveryBytes,
-      backgroundSnapshots: true
+      backgroundSnapshots: true,
+      preallocateBytes: limits.logPreallocateBytes
     })
     // A chain member applies only what it knows was committed; the rest waits for the chain.
     if (config.peers !== null || config.join !== null) meta = new MetaStore(dir, opts.files).load()

@@ -182,19 +182,23 @@ t.test('a damaged last record is a torn tail', async t => {
   }
 })
 
-t.test('a run of zeros after the last record is a torn tail', async t => {
+t.test('a run of zeros after the last record is preallocated space: the end of the records, left as it is', async t => {
   const n = 5
   const { dir, file, bytes } = writeLog(t, n)
-  fs.appendFileSync(file, Buffer.alloc(4096))
-  const r = readLog(dir)
-  t.same(r.recs, records(1, n))
-  t.same({ lastIndex: r.lastIndex, truncatedBytes: r.truncatedBytes }, { lastIndex: n, truncatedBytes: 4096 })
-  t.match(r.warnings, [{ msg: /torn write/, fields: { offset: bytes.length, bytes: 4096, why: 'length 0 out of range' } }])
-  t.same(fs.readFileSync(file), bytes, 'back to exactly the good records')
-  // A zeroed header of fewer than eight bytes too.
-  fs.appendFileSync(file, Buffer.alloc(5))
-  t.equal(readLog(dir).truncatedBytes, 5)
-  t.equal(fs.statSync(file).size, bytes.length)
+  for (const zeros of [4096, 5, 1]) { // a zeroed header of fewer than eight bytes too
+    fs.writeFileSync(file, Buffer.concat([bytes, Buffer.alloc(zeros)]))
+    const r = readLog(dir)
+    t.same(r.recs, records(1, n), `${zeros} zeros: all records`)
+    t.same({ lastIndex: r.lastIndex, truncatedBytes: r.truncatedBytes, warnings: r.warnings }, { lastIndex: n, truncatedBytes: 0, warnings: [] }, `${zeros} zeros: no damage`)
+    t.equal(fs.statSync(file).size, bytes.length + zeros, `${zeros} zeros: kept`)
+  }
+  // The next append goes over the zeros, not after them.
+  const { log } = openLog(dir)
+  log.recover(0, () => {})
+  log.append(batch([record(n + 1)]).frames, n + 1)
+  log.close()
+  t.same(readLog(dir).recs, records(1, n + 1), 'the record after the zeros\' start is read back')
+  t.same(frameSpans(fs.readFileSync(file)).length, n + 1)
 })
 
 t.test('garbage without any valid frame after the last record is a torn tail', async t => {
@@ -309,8 +313,8 @@ t.test('a missing middle segment or a torn tail in a segment that is not the las
 
   const middle = path.join(dir, segmentName(4))
   const mid = fs.readFileSync(middle)
-  fs.appendFileSync(middle, Buffer.alloc(100))
-  expectCorrupt(t, thrown(() => readLog(dir)), middle, mid.length, /length 0 out of range/)
+  fs.appendFileSync(middle, Buffer.alloc(100, 0xab))
+  expectCorrupt(t, thrown(() => readLog(dir)), middle, mid.length, /out of range/)
   t.equal(fs.statSync(middle).size, mid.length + 100, 'not truncated')
   fs.writeFileSync(middle, mid.subarray(0, mid.length - 3))
   expectCorrupt(t, thrown(() => readLog(dir)), middle, frameSpans(mid)[2].start, /cut short/)
@@ -468,4 +472,153 @@ t.test('appendAsync: a log truncated while the fdatasync runs reports it and is 
   store.append(batch([record(4, 2)])) // appends work again at once
   store.close()
   t.same(readLog(dir).recs, [...records(1, 3), record(4, 2)])
+})
+
+// ---- preallocation ------------------------------------------------------------------------
+
+const prealloc = 4096
+
+function openPreallocated (dir: string, files: FileOps = realFiles): { log: SegmentLog, warnings: Warning[] } {
+  const warnings: Warning[] = []
+  return { log: new SegmentLog(dir, files, (msg, fields) => { warnings.push({ msg, fields }) }, prealloc), warnings }
+}
+
+// The bytes of a file after its frames: their count, and whether they are all zeros.
+function tailAfterFrames (file: string): { frames: number, padding: number, zeros: boolean } {
+  const buf = fs.readFileSync(file)
+  const spans = frameSpans(buf)
+  const end = spans.length > 0 ? spans[spans.length - 1].end : 0
+  return { frames: spans.length, padding: buf.length - end, zeros: buf.subarray(end).every(b => b === 0) }
+}
+
+t.test('preallocation: the open segment runs ahead of its records in zeros, whole multiples at a time', async t => {
+  const dir = tempDir(t)
+  const { log, warnings } = openPreallocated(dir)
+  log.recover(0, () => {})
+  const file = path.join(dir, segmentName(1))
+  t.equal(fs.statSync(file).size, 0, 'nothing written, nothing allocated')
+  let written = 0
+  for (let i = 1; i <= 40; i += 4) {
+    const b = batch(records(i, i + 3))
+    log.append(b.frames, b.lastIndex)
+    written += b.frames.length
+    const size = fs.statSync(file).size
+    t.equal(size % prealloc, 0, `after ${b.lastIndex}: a whole multiple`)
+    t.ok(size > written, `after ${b.lastIndex}: ahead of the records`)
+    t.same(tailAfterFrames(file), { frames: b.lastIndex, padding: size - written, zeros: true })
+  }
+  t.equal(log.currentSegmentBytes, written, 'the size counts records only')
+  // A batch bigger than the step extends past it in one go.
+  const big = batch([{ ...record(41), op: 'send', from: 'alice', to: 'bob', text: 'x'.repeat(3 * prealloc) } as LogRecord])
+  log.append(big.frames, 41)
+  written += big.frames.length
+  t.equal(fs.statSync(file).size, Math.ceil((written + 1) / prealloc) * prealloc)
+  log.close()
+  const r = readLog(dir)
+  t.equal(r.lastIndex, 41)
+  t.same(r.recs.slice(0, 40), records(1, 40))
+  t.same({ truncatedBytes: r.truncatedBytes, warnings: r.warnings, mine: warnings }, { truncatedBytes: 0, warnings: [], mine: [] }, 'zeros are no damage')
+
+  // Reopened, it goes on over its own zeros.
+  const again = openPreallocated(dir)
+  t.same(again.log.recover(0, () => {}), { lastIndex: 41, truncatedBytes: 0 })
+  const sizeBefore = fs.statSync(file).size
+  again.log.append(batch([record(42)]).frames, 42)
+  t.equal(fs.statSync(file).size, sizeBefore, 'written into the zeros')
+  t.equal(again.log.currentSegmentBytes, written + encodeFrame(record(42)).length)
+  again.log.close()
+  t.equal(readLog(dir).lastIndex, 42)
+})
+
+t.test('preallocation: rolling trims the old segment to its records; zeros left in an older segment still recover', async t => {
+  const dir = tempDir(t)
+  const { log } = openPreallocated(dir)
+  log.recover(0, () => {})
+  const b = batch(records(1, 4))
+  log.append(b.frames, 4)
+  log.roll()
+  const first = path.join(dir, segmentName(1))
+  t.equal(fs.statSync(first).size, b.frames.length, 'trimmed')
+  log.append(batch(records(5, 7)).frames, 7)
+  log.close()
+  t.same(readLog(dir).recs, records(1, 7))
+  // A crash before the trim reached the disk leaves zeros after segment 1's records.
+  fs.appendFileSync(first, Buffer.alloc(prealloc - 10))
+  const r = readLog(dir)
+  t.same(r.recs, records(1, 7))
+  t.same(r.warnings, [])
+})
+
+t.test('preallocation: a torn frame over the zeros is a torn tail; the log is preallocated again after it', async t => {
+  const dir = tempDir(t)
+  const { log } = openPreallocated(dir)
+  log.recover(0, () => {})
+  const b = batch(records(1, 3))
+  log.append(b.frames, 3)
+  log.close()
+  const file = path.join(dir, segmentName(1))
+  // A crash mid-write: the start of frame 4 reached the disk, the rest of the page did not.
+  const fd = fs.openSync(file, 'r+')
+  fs.writeSync(fd, encodeFrame(record(4)).subarray(0, 20), 0, 20, b.frames.length)
+  fs.closeSync(fd)
+  const again = openPreallocated(dir)
+  const res = again.log.recover(0, () => {})
+  t.equal(res.lastIndex, 3)
+  t.equal(res.truncatedBytes, prealloc - b.frames.length, 'the torn frame and the zeros after it')
+  t.match(again.warnings, [{ msg: /torn write/, fields: { offset: b.frames.length } }])
+  t.equal(fs.statSync(file).size, b.frames.length)
+  again.log.append(batch([record(4)]).frames, 4)
+  t.equal(fs.statSync(file).size, prealloc, 'preallocated again')
+  again.log.close()
+  t.same(readLog(dir).recs, records(1, 4))
+})
+
+t.test('preallocation: when the zeros cannot be written (a full disk), records are appended as without it', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const { log } = openPreallocated(dir, ff.files)
+  log.recover(0, () => {})
+  const file = path.join(dir, segmentName(1))
+  const first = batch(records(1, 2))
+  // The first zero write runs out of room halfway.
+  let zeroWrites = 0
+  ff.hooks.writeSync = (fd, buf, offset, length, position) => {
+    if (buf.every(x => x === 0) && zeroWrites++ === 0) {
+      ff.real.writeSync(fd, buf, offset, Math.floor(length / 2), position)
+      throw errnoError('ENOSPC', 'no space left on device')
+    }
+    return ff.real.writeSync(fd, buf, offset, length, position)
+  }
+  log.append(first.frames, 2)
+  t.equal(zeroWrites, 1)
+  t.equal(fs.statSync(file).size, first.frames.length, 'the zeros cut back off; the records written')
+  log.append(batch([record(3)]).frames, 3)
+  t.equal(zeroWrites, 1, 'no second try in this segment')
+  t.same(tailAfterFrames(file), { frames: 3, padding: 0, zeros: true })
+  // The next segment tries again.
+  log.roll()
+  log.append(batch([record(4)]).frames, 4)
+  t.equal(zeroWrites, 2)
+  t.equal(fs.statSync(path.join(dir, segmentName(4))).size, prealloc)
+  log.close()
+  t.same(readLog(dir).recs, records(1, 4))
+})
+
+t.test('preallocation: a failed record write cuts back to the records, zeros and all', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const { log } = openPreallocated(dir, ff.files)
+  log.recover(0, () => {})
+  const b = batch(records(1, 3))
+  log.append(b.frames, 3)
+  ff.hooks.writeSync = () => { throw errnoError('EIO') }
+  t.match(thrown(() => log.append(batch([record(4)]).frames, 4)), { code: 'STORAGE_ERROR' })
+  delete ff.hooks.writeSync
+  const file = path.join(dir, segmentName(1))
+  t.equal(fs.statSync(file).size, b.frames.length)
+  t.equal(log.failed, null)
+  log.append(batch([record(4)]).frames, 4)
+  t.equal(fs.statSync(file).size, prealloc, 'preallocated again on the next write')
+  log.close()
+  t.same(readLog(dir).recs, records(1, 4))
 })

@@ -37,10 +37,11 @@ export const realFiles: FileOps = {
   mkdirSync: fs.mkdirSync
 }
 
-// Write all of buf at the file's current append position, looping over short writes.
-export function writeAll (files: FileOps, fd: number, buf: Buffer): void {
+// Write all of buf at `position` (default: the file's current position), looping over short
+// writes.
+export function writeAll (files: FileOps, fd: number, buf: Buffer, position: number | null = null): void {
   let done = 0
-  while (done < buf.length) done += files.writeSync(fd, buf, done, buf.length - done, null)
+  while (done < buf.length) done += files.writeSync(fd, buf, done, buf.length - done, position === null ? null : position + done)
 }
 
 // Make a directory entry change (create, rename, unlink) durable.

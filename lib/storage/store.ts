@@ -20,6 +20,9 @@ export interface StoreOptions {
   // Write the snapshots maybeSnapshot takes a slice at a time, between other work (the server
   // does); otherwise it writes them at once (simpler to test).
   backgroundSnapshots?: boolean
+  // Extend the open log segment with zeros this far ahead of its records (see log.ts); 0, the
+  // default, writes plain appends.
+  preallocateBytes?: number
 }
 
 export interface Recovered {
@@ -53,7 +56,7 @@ export class Store {
     this.everyBytes = opts.snapshotEveryBytes ?? limits.snapshotEveryBytes
     this.background = opts.backgroundSnapshots ?? false
     fs.mkdirSync(this.dir, { recursive: true })
-    this.log = new SegmentLog(this.dir, this.files, this.warn)
+    this.log = new SegmentLog(this.dir, this.files, this.warn, opts.preallocateBytes ?? 0)
   }
 
   // Load the newest snapshot and replay the log after it, applying records up to applyLimit

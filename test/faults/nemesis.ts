@@ -44,7 +44,8 @@ export const memberCrashPoints = ['after-append-before-fsync', 'after-fsync-befo
 export type CrashPoint = typeof memberCrashPoints[number]
 
 // Cut the log of a killed member back as a power loss would: keep what DURABLE says was fsync'd,
-// and `keep` (0 to 1) of the bytes written after it. Returns what was done, for the history.
+// and `keep` (0 to 1) of the bytes written after it. Zeros the log preallocated past its records
+// are not written bytes: they go with the cut. Returns what was done, for the history.
 export function losePageCache (dataDir: string, keep: number): string {
   let note: { file: string, bytes: number }
   try {
@@ -55,7 +56,9 @@ export function losePageCache (dataDir: string, keep: number): string {
   const file = path.join(dataDir, note.file)
   let size: number
   try {
-    size = fs.statSync(file).size
+    const buf = fs.readFileSync(file)
+    size = buf.length
+    while (size > 0 && buf[size - 1] === 0) size--
   } catch {
     return `${note.file} is gone (replaced since): log left as it is`
   }
