@@ -126,7 +126,9 @@ export class Dispatcher {
         if (!(rk !== undefined && state.ridReply(rk)) && !state.account(q.to)) throw errors.noSuchUser(q.to)
         const applied = await this.commit({ op: 'send', from: from.name, to: q.to, text: q.text, rk })
         if (!applied.reply.ok) return applied.reply
-        return { ...applied.reply, delivered: applied.delivered === true, ...(applied.replayed ? { replayed: true } : {}) }
+        const reply: Reply = { ...applied.reply, delivered: applied.delivered === true }
+        if (applied.replayed) reply.replayed = true
+        return reply
       }
       case 'read': {
         const q = p as Params<'read'>

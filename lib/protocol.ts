@@ -48,10 +48,21 @@ export function parseRequest (line: string): Request {
   return { op, id, fields }
 }
 
+const okTrue = '{"ok":true'
+const okFalse = '{"ok":false'
+
 export function encodeReply (id: RequestId | undefined, reply: Reply): string {
-  // id goes second so a person reading `nc` output sees ok and id first.
-  const { ok, ...rest } = reply
-  return JSON.stringify(id === undefined ? { ok, ...rest } : { ok, id, ...rest }) + '\n'
+  // id goes second so a person reading `nc` output sees ok and id first. Replies are made with
+  // `ok` as their first field, so the id is spliced into the encoded text after it rather than
+  // copying the reply into a new object.
+  const json = JSON.stringify(reply)
+  const at = json.startsWith(okTrue) ? okTrue.length : json.startsWith(okFalse) ? okFalse.length : -1
+  if (at < 0) { // not made that way: put ok (and the id) first by copying
+    const { ok, ...rest } = reply
+    return JSON.stringify(id === undefined ? { ok, ...rest } : { ok, id, ...rest }) + '\n'
+  }
+  if (id === undefined) return json + '\n'
+  return json.slice(0, at) + ',"id":' + JSON.stringify(id) + json.slice(at) + '\n'
 }
 
 export function encodeError (id: RequestId | undefined, e: ChatError): string {

@@ -8,9 +8,8 @@ import net from 'node:net'
 import type { Duplex } from 'node:stream'
 import split2 from 'split2'
 import { errors } from './errors.ts'
-import { parseRequest, RequestParseError, encodeReply, encodeError } from './protocol.ts'
+import { parseRequest, RequestParseError, encodeReply, encodeError, type Request, type RequestId } from './protocol.ts'
 import type { Dispatcher, Session } from './dispatcher.ts'
-import type { Reply } from './state.ts'
 
 export interface ConnectionOptions {
   lineBytesMax: number
@@ -20,14 +19,27 @@ export interface ConnectionOptions {
 
 let nextSessionId = 1
 
+// A request read from a connection, from the moment it is read until its reply is written.
+interface Pending {
+  id: RequestId | undefined
+  req: Request | null // null: it failed to parse, and `reply` holds its error line already
+  reply: string | null // the encoded reply, once there is one
+}
+
 class Connection implements Session {
   readonly id = nextSessionId++
   user: string | null = null
   failedLogins = 0
   private readonly lines: ReturnType<typeof split2>
-  private tail: Promise<void> = Promise.resolve() // settles when every earlier reply is written
-  private barrier: Promise<unknown> = Promise.resolve() // settles when earlier non-pipelined requests finish
-  private unanswered = 0
+  // Requests in the order they were read, from the oldest whose reply is not yet written. Replies
+  // are written in this order. Requests start in this order too: a pipelined one once no
+  // non-pipelined one is ahead of it, a non-pipelined one once everything before it is answered.
+  private readonly pending: Pending[] = []
+  private head = 0 // index in `pending` of the oldest request not yet answered
+  private started = 0 // index in `pending` of the first request not yet started
+  private exclusive = false // a non-pipelined request is running
+  private drainWaiters: Array<() => void> = []
+  private endLine: string | null = null // written, and the connection ended, once all is answered
   private blockedOnDrain = false
   private closed = false // no more requests are read
   private gone = false // the connection itself is closed
@@ -57,33 +69,85 @@ class Connection implements Session {
       return
     }
     if (line.trim() === '') return
-    let reply: Promise<[string | number | null | undefined, Reply | string]>
+    let p: Pending
     try {
       const req = parseRequest(line)
-      // A request still queued when its connection closes is not run: its reply could not be
-      // delivered, and it would run without the session it was sent in (a rid filed under the
-      // wrong user, a login for a connection that is gone). Its client retries with the same rid.
-      const run = (): Promise<[typeof req.id, Reply]> => this.gone
-        ? Promise.resolve([req.id, { ok: false, error: errors.shuttingDown().toWire() } as Reply])
-        : this.dispatcher.handle(this, req).then(r => [req.id, r])
-      if (this.dispatcher.isPipelined(req.op)) {
-        reply = this.barrier.then(run)
-      } else {
-        reply = this.tail.then(run)
-        this.barrier = reply
-      }
+      p = { id: req.id, req, reply: null }
     } catch (e) {
       const err = e instanceof RequestParseError ? e : new RequestParseError(errors.internal(e), undefined)
-      reply = Promise.resolve([err.id, encodeError(err.id, err.error)])
+      p = { id: err.id, req: null, reply: encodeError(err.id, err.error) }
     }
-    this.unanswered++
+    this.pending.push(p)
     this.updateFlow()
-    const prev = this.tail
-    this.tail = Promise.all([prev, reply]).then(([, [id, r]]) => {
-      this.unanswered--
-      this.write(typeof r === 'string' ? r : encodeReply(id, r))
-      this.updateFlow()
+    this.startReady()
+    if (p.reply !== null) this.writeAnswered()
+  }
+
+  // Start the requests that may start now, in order.
+  private startReady (): void {
+    while (this.started < this.pending.length && !this.exclusive) {
+      const p = this.pending[this.started]
+      if (p.req === null) { // answered already
+        this.started++
+        continue
+      }
+      const pipelined = this.dispatcher.isPipelined(p.req.op)
+      if (!pipelined && this.started > this.head) return // wait for everything before it
+      this.started++
+      if (!pipelined) this.exclusive = true
+      this.run(p, pipelined)
+    }
+  }
+
+  private run (p: Pending, pipelined: boolean): void {
+    const req = p.req!
+    p.req = null
+    // A request still queued when its connection closes is not run: its reply could not be
+    // delivered, and it would run without the session it was sent in (a rid filed under the
+    // wrong user, a login for a connection that is gone). Its client retries with the same rid.
+    if (this.gone) {
+      p.reply = encodeError(req.id, errors.shuttingDown())
+      if (!pipelined) this.exclusive = false
+      this.writeAnswered()
+      return
+    }
+    this.dispatcher.handle(this, req).then(reply => {
+      p.reply = encodeReply(req.id, reply)
+      if (!pipelined) this.exclusive = false
+      this.writeAnswered()
+      this.startReady()
     })
+  }
+
+  // Write the replies that are next in order, then see whether more requests may be read.
+  private writeAnswered (): void {
+    let k = this.head
+    while (k < this.pending.length && this.pending[k].reply !== null) this.write(this.pending[k++].reply!)
+    if (k === this.head) return
+    if (k === this.pending.length) {
+      this.pending.length = 0
+      this.head = 0
+      this.started = 0
+      this.allAnswered()
+    } else {
+      this.head = k
+      if (k >= 1024 && k * 2 >= this.pending.length) { // drop the answered prefix now and then
+        this.pending.splice(0, k)
+        this.started = Math.max(0, this.started - k) // what it passes is answered already
+        this.head = 0
+      }
+    }
+    this.updateFlow()
+  }
+
+  private allAnswered (): void {
+    if (this.endLine !== null) {
+      this.stream.end(this.endLine)
+      this.endLine = null
+    }
+    const waiters = this.drainWaiters
+    this.drainWaiters = []
+    for (const w of waiters) w()
   }
 
   private tooLong (): void {
@@ -92,9 +156,9 @@ class Connection implements Session {
     this.stream.unpipe(this.lines)
     this.lines.destroy()
     this.stream.pause()
-    const line = encodeError(undefined, errors.lineTooLong(this.opts.lineBytesMax))
     // Earlier requests still get their replies, then the error, then the connection ends.
-    this.tail = this.tail.then(() => { this.stream.end(line) })
+    this.endLine = encodeError(undefined, errors.lineTooLong(this.opts.lineBytesMax))
+    if (this.head === this.pending.length) this.allAnswered()
   }
 
   // Write a reply or event. Returns false if the connection is gone or was cut for being slow.
@@ -116,7 +180,7 @@ class Connection implements Session {
 
   private updateFlow (): void {
     if (this.closed) return
-    if (this.blockedOnDrain || this.unanswered >= this.opts.inflightMax) this.lines.pause()
+    if (this.blockedOnDrain || this.pending.length - this.head >= this.opts.inflightMax) this.lines.pause()
     else this.lines.resume()
   }
 
@@ -127,7 +191,10 @@ class Connection implements Session {
   }
 
   // Resolves when every reply to a request read so far has been written.
-  drained (): Promise<void> { return this.tail }
+  drained (): Promise<void> {
+    if (this.head === this.pending.length) return Promise.resolve()
+    return new Promise(resolve => this.drainWaiters.push(resolve))
+  }
 
   end (): void {
     this.stream.end()

@@ -48,22 +48,23 @@ interface RidEntry {
   hy: number
 }
 
-// A message as a mailbox holds it.
-export interface StoredMessage extends Message { read: boolean }
-
 // A user's messages, read and unread, in id order. Ids grow with the log index, so appending
-// keeps `ids` sorted and `unread` in insertion (= id) order.
+// keeps `ids` sorted and `unread` in insertion (= id) order. A message is read when it is not
+// in `unread`. Message objects are never changed once made, so replies, pushes and the
+// exactly-once table share them.
 export class Mailbox {
   readonly ids: number[] = []
-  readonly byId = new Map<number, StoredMessage>()
+  readonly byId = new Map<number, Message>()
   readonly unread = new Set<number>()
 
-  add (m: StoredMessage): void {
+  add (m: Message, read: boolean): void {
     if (this.ids.length > 0 && this.ids[this.ids.length - 1] >= m.id) assert.fail('message ids must grow')
     this.ids.push(m.id)
     this.byId.set(m.id, m)
-    if (!m.read) this.unread.add(m.id)
+    if (!read) this.unread.add(m.id)
   }
+
+  isRead (id: number): boolean { return !this.unread.has(id) }
 
   remove (id: number): boolean {
     if (!this.byId.delete(id)) return false
@@ -76,13 +77,9 @@ export class Mailbox {
   newest (limit: number, before?: number): Message[] {
     let end = before === undefined ? this.ids.length : lowerBound(this.ids, before)
     const out: Message[] = []
-    while (end > 0 && out.length < limit) out.push(publicMessage(this.byId.get(this.ids[--end])!))
+    while (end > 0 && out.length < limit) out.push(this.byId.get(this.ids[--end])!)
     return out
   }
-}
-
-export function publicMessage (m: Message): Message {
-  return { id: m.id, from: m.from, to: m.to, text: m.text, ts: m.ts }
 }
 
 export function lowerBound (sorted: ArrayLike<number | string>, x: number | string): number {
@@ -154,8 +151,8 @@ function hashAccount (a: Account): void {
   hEnd()
 }
 
-function hashMessage (owner: string, m: StoredMessage): void {
-  hBegin(m.read ? 0x6d01 : 0x6d00)
+function hashMessage (owner: string, m: Message, read: boolean): void {
+  hBegin(read ? 0x6d01 : 0x6d00)
   hStr(owner); hNum(m.id); hStr(m.from); hStr(m.to); hNum(m.ts); hStr(m.text)
   hEnd()
 }
@@ -175,8 +172,8 @@ class MultisetDigest {
   private b = 0
   addAccount (a: Account): void { hashAccount(a); this.addLanes(hx, hy) }
   removeAccount (a: Account): void { hashAccount(a); this.removeLanes(hx, hy) }
-  addMessage (owner: string, m: StoredMessage): void { hashMessage(owner, m); this.addLanes(hx, hy) }
-  removeMessage (owner: string, m: StoredMessage): void { hashMessage(owner, m); this.removeLanes(hx, hy) }
+  addMessage (owner: string, m: Message, read: boolean): void { hashMessage(owner, m, read); this.addLanes(hx, hy) }
+  removeMessage (owner: string, m: Message, read: boolean): void { hashMessage(owner, m, read); this.removeLanes(hx, hy) }
   addLanes (x: number, y: number): void { this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
   removeLanes (x: number, y: number): void { this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
   hex (): string { return this.a.toString(16).padStart(8, '0') + this.b.toString(16).padStart(8, '0') }
@@ -246,10 +243,9 @@ export class ChatState {
         if (!to) return { reply: fail('NO_SUCH_USER', `no user named ${r.to}`), effects: {} }
         const from = this.accounts.get(r.from.toLowerCase())
         if (!from) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
-        const stored: StoredMessage = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts, read: false }
-        to.mailbox.add(stored)
-        this.digestAcc.addMessage(to.key, stored)
-        const m = publicMessage(stored)
+        const m: Message = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts }
+        to.mailbox.add(m, false)
+        this.digestAcc.addMessage(to.key, m, false)
         return { reply: { ok: true, message: m }, effects: { push: m } }
       }
       case 'read': {
@@ -258,7 +254,7 @@ export class ChatState {
         const taken: Message[] = []
         for (const id of a.mailbox.unread) {
           if (taken.length >= r.limit) break
-          taken.push(publicMessage(a.mailbox.byId.get(id)!))
+          taken.push(a.mailbox.byId.get(id)!)
         }
         for (const m of taken) this.markRead(a, m.id)
         return { reply: { ok: true, messages: taken, remaining: a.mailbox.unread.size }, effects: {} }
@@ -275,8 +271,9 @@ export class ChatState {
         const missing: number[] = []
         for (const id of new Set(r.ids)) {
           const m = a.mailbox.byId.get(id)
+          const read = a.mailbox.isRead(id)
           if (m && a.mailbox.remove(id)) {
-            this.digestAcc.removeMessage(a.key, m)
+            this.digestAcc.removeMessage(a.key, m, read)
             deleted++
           } else missing.push(id)
         }
@@ -294,12 +291,10 @@ export class ChatState {
   }
 
   private markRead (a: Account, id: number): void {
-    const m = a.mailbox.byId.get(id)
-    if (!m || m.read) return
-    this.digestAcc.removeMessage(a.key, m)
-    m.read = true
-    a.mailbox.unread.delete(id)
-    this.digestAcc.addMessage(a.key, m)
+    if (!a.mailbox.unread.delete(id)) return // read already, or no such message
+    const m = a.mailbox.byId.get(id)!
+    this.digestAcc.removeMessage(a.key, m, false)
+    this.digestAcc.addMessage(a.key, m, true)
   }
 
   private addAccount (a: Account): void {
@@ -310,7 +305,7 @@ export class ChatState {
 
   private removeAccount (a: Account): void {
     for (const id of a.mailbox.ids) {
-      this.digestAcc.removeMessage(a.key, a.mailbox.byId.get(id)!)
+      this.digestAcc.removeMessage(a.key, a.mailbox.byId.get(id)!, a.mailbox.isRead(id))
     }
     this.digestAcc.removeAccount(a)
     this.accounts.delete(a.key)
@@ -361,7 +356,7 @@ export class ChatState {
       let first = true
       for (const id of a.mailbox.ids) {
         const m = a.mailbox.byId.get(id)!
-        messages.push([m.id, m.from, m.to, m.text, m.ts, m.read ? 1 : 0])
+        messages.push([m.id, m.from, m.to, m.text, m.ts, a.mailbox.isRead(id) ? 1 : 0])
         if (messages.length === messagesPerChunk) {
           yield first ? { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages } : { kind: 'messages', name: a.name, messages }
           first = false
@@ -408,9 +403,9 @@ export class ChatState {
           }
           assert.ok(a, `messages for unknown account ${c.name}`)
           for (const [id, from, to, text, ts, read] of c.messages) {
-            const m: StoredMessage = { id, from, to, text, ts, read: read === 1 }
-            a.mailbox.add(m)
-            st.digestAcc.addMessage(a.key, m)
+            const m: Message = { id, from, to, text, ts }
+            a.mailbox.add(m, read === 1)
+            st.digestAcc.addMessage(a.key, m, read === 1)
           }
           break
         }

@@ -2,6 +2,7 @@ import t from 'tap'
 import { parseRequest, RequestParseError, encodeReply, encodeError, encodeEvent, intField, stringField } from '../lib/protocol.ts'
 import { commands, isOp } from '../lib/commands.ts'
 import { ChatError, errors } from '../lib/errors.ts'
+import type { Reply } from '../lib/state.ts'
 
 function parseError (line: string): RequestParseError {
   try {
@@ -50,6 +51,12 @@ t.test('__proto__ stays an inert field', async t => {
 t.test('encoders', async t => {
   t.equal(encodeReply(1, { ok: true, x: 2 }), '{"ok":true,"id":1,"x":2}\n')
   t.equal(encodeReply(undefined, { ok: true }), '{"ok":true}\n')
+  t.equal(encodeReply('q', { ok: true }), '{"ok":true,"id":"q"}\n')
+  t.equal(encodeReply(null, { ok: false, error: { code: 'AUTH_FAILED', message: 'm' } }), '{"ok":false,"id":null,"error":{"code":"AUTH_FAILED","message":"m"}}\n')
+  // A reply made without ok first still comes out with ok, then the id, first.
+  t.equal(encodeReply(7, { x: [1], ok: true } as unknown as Reply), '{"ok":true,"id":7,"x":[1]}\n')
+  t.equal(encodeReply(undefined, { x: 1, ok: true } as unknown as Reply), '{"ok":true,"x":1}\n')
+  t.equal(encodeReply(3, { ok: true, note: '{"ok":true' }), '{"ok":true,"id":3,"note":"{\\"ok\\":true"}\n', 'text that looks like the head is left alone')
   t.same(JSON.parse(encodeError('a', errors.noSuchUser('bob'))), { ok: false, id: 'a', error: { code: 'NO_SUCH_USER', message: 'no user named bob' } })
   t.same(JSON.parse(encodeError(undefined, errors.notPrimary('h:1'))).error, { primary: 'h:1', code: 'NOT_PRIMARY', message: 'this server is a backup; the primary is h:1' })
   t.equal(encodeEvent('account_deleted'), '{"event":"account_deleted"}\n')

@@ -144,10 +144,14 @@ t.test('Mailbox and lowerBound', async t => {
   t.equal(lowerBound([1, 3, 5], 4), 2)
   t.equal(lowerBound([], 4), 0)
   const mb = new Mailbox()
-  mb.add({ id: 1, from: 'a', to: 'b', text: 'x', ts: 1, read: false })
-  t.throws(() => mb.add({ id: 1, from: 'a', to: 'b', text: 'x', ts: 1, read: false }), 'ids must grow')
+  mb.add({ id: 1, from: 'a', to: 'b', text: 'x', ts: 1 }, false)
+  t.throws(() => mb.add({ id: 1, from: 'a', to: 'b', text: 'x', ts: 1 }, false), 'ids must grow')
+  mb.add({ id: 2, from: 'a', to: 'b', text: 'y', ts: 2 }, true)
+  t.same([mb.isRead(1), mb.isRead(2)], [false, true])
+  t.same([...mb.unread], [1])
   t.notOk(mb.remove(7))
   t.ok(mb.remove(1))
+  t.same([...mb.unread], [], 'removed with its unread mark')
 })
 
 t.test('after evictions, a snapshot round trip keeps the rid order and the digest', async t => {
