@@ -41,13 +41,6 @@ export interface Applied {
   delivered?: boolean // set by the primary: a push was handed to a live session
 }
 
-interface RidEntry {
-  ts: number
-  reply: Reply
-  hx: number // the entry's digest contribution, kept so eviction need not recompute it
-  hy: number
-}
-
 // A user's messages, read and unread, in id order. Ids grow with the log index, so appending
 // keeps `ids` sorted and `unread` in insertion (= id) order. A message is read when it is not
 // in `unread`. Message objects are never changed once made, so replies, pushes and the
@@ -198,17 +191,37 @@ export class ChatState {
   lastTs = 0
   readonly accounts = new Map<string, Account>()
   readonly sortedKeys: string[] = [] // account keys, sorted, for listing and prefix search
-  readonly rids = new Map<string, RidEntry>()
-  // Keys in the order they were applied, from ridHead on: the eviction order. (Evicting through
-  // the Map's own order would walk its deleted slots every time.)
-  private ridOrder: string[] = []
-  private ridHead = 0
+  // The exactly-once table: a ring of at most ridsMax entries in the order they were applied,
+  // oldest (the next to evict) at ridStart, and a map from key to slot. Each entry's digest
+  // lanes are kept so that eviction need not recompute them.
+  private readonly ridSlots = new Map<string, number>()
+  private readonly ridKeys: string[] = []
+  private readonly ridTs: number[] = []
+  private readonly ridReplies: Reply[] = []
+  private readonly ridHx: number[] = []
+  private readonly ridHy: number[] = []
+  private ridStart = 0
   private readonly digestAcc = new MultisetDigest()
 
   digest (): string { return this.digestAcc.hex() }
 
   // The stored reply of an applied request with this exactly-once key, if any.
-  ridReply (rk: string): Reply | undefined { return this.rids.get(rk)?.reply }
+  ridReply (rk: string): Reply | undefined {
+    const slot = this.ridSlots.get(rk)
+    return slot === undefined ? undefined : this.ridReplies[slot]
+  }
+
+  // Entries in the exactly-once table.
+  get ridCount (): number { return this.ridSlots.size }
+
+  // The table's entries, oldest first: key, time, stored reply.
+  * ridEntries (): Generator<[string, number, Reply]> {
+    const n = this.ridKeys.length
+    for (let k = 0; k < n; k++) {
+      const slot = (this.ridStart + k) % n
+      yield [this.ridKeys[slot], this.ridTs[slot], this.ridReplies[slot]]
+    }
+  }
 
   account (name: string): Account | undefined { return this.accounts.get(name.toLowerCase()) }
 
@@ -219,10 +232,10 @@ export class ChatState {
     this.lastEpoch = r.e
     if (r.ts > this.lastTs) this.lastTs = r.ts
     if (r.rk !== undefined) {
-      const seen = this.rids.get(r.rk)
+      const seen = this.ridReply(r.rk)
       // The primary never logs a second record for a key it knows; a repeat can only come from
       // a retry that raced a failover, and it must change nothing.
-      if (seen) return { reply: seen.reply, effects: {} }
+      if (seen) return { reply: seen, effects: {} }
     }
     const applied = this.applyOp(r)
     if (r.rk !== undefined) this.rememberRid(r.rk, r.ts, applied.reply)
@@ -314,19 +327,26 @@ export class ChatState {
 
   private rememberRid (key: string, ts: number, reply: Reply): void {
     hashRid(key, ts, reply)
-    this.rids.set(key, { ts, reply, hx, hy })
-    this.ridOrder.push(key)
     this.digestAcc.addLanes(hx, hy)
-    if (this.rids.size > limits.ridsMax) {
-      const oldKey = this.ridOrder[this.ridHead++]
-      const old = this.rids.get(oldKey)!
-      this.digestAcc.removeLanes(old.hx, old.hy)
-      this.rids.delete(oldKey)
-      if (this.ridHead >= 65536 && this.ridHead * 2 >= this.ridOrder.length) {
-        this.ridOrder = this.ridOrder.slice(this.ridHead)
-        this.ridHead = 0
-      }
+    let slot = this.ridKeys.length
+    if (slot < limits.ridsMax) {
+      this.ridKeys.push(key)
+      this.ridTs.push(ts)
+      this.ridReplies.push(reply)
+      this.ridHx.push(hx)
+      this.ridHy.push(hy)
+    } else { // full: the newest entry takes the oldest one's slot
+      slot = this.ridStart
+      this.ridStart = (slot + 1) % limits.ridsMax
+      this.ridSlots.delete(this.ridKeys[slot])
+      this.digestAcc.removeLanes(this.ridHx[slot], this.ridHy[slot])
+      this.ridKeys[slot] = key
+      this.ridTs[slot] = ts
+      this.ridReplies[slot] = reply
+      this.ridHx[slot] = hx
+      this.ridHy[slot] = hy
     }
+    this.ridSlots.set(key, slot)
   }
 
   // Accounts whose name matches a glob (`*`, `?`), case-insensitive, sorted; one page of them.
@@ -367,10 +387,8 @@ export class ChatState {
       else if (messages.length > 0) yield { kind: 'messages', name: a.name, messages }
     }
     let entries: Array<[string, number, Reply]> = []
-    for (let k = this.ridHead; k < this.ridOrder.length; k++) {
-      const key = this.ridOrder[k]
-      const e = this.rids.get(key)!
-      entries.push([key, e.ts, e.reply])
+    for (const e of this.ridEntries()) {
+      entries.push(e)
       if (entries.length === ridsPerChunk) {
         yield { kind: 'rids', entries }
         entries = []

@@ -93,9 +93,17 @@ t.test('rids: a repeated key returns the stored reply and changes nothing', asyn
 t.test('rids are evicted oldest first, by count', async t => {
   const { st, apply } = withUsers('a')
   for (let k = 0; k <= limits.ridsMax; k++) apply({ op: 'noop', rk: `k${k}` })
-  t.equal(st.rids.size, limits.ridsMax)
+  t.equal(st.ridCount, limits.ridsMax)
   t.notOk(st.ridReply('k0'))
   t.ok(st.ridReply('k1'))
+  // Around the ring once more: always the oldest goes, and the order is kept.
+  for (let k = 0; k < limits.ridsMax + 10; k++) apply({ op: 'noop', rk: `m${k}` })
+  t.equal(st.ridCount, limits.ridsMax)
+  t.notOk(st.ridReply(`k${limits.ridsMax}`))
+  t.notOk(st.ridReply('m9'))
+  t.ok(st.ridReply('m10'))
+  const keys = [...st.ridEntries()].map(([k]) => k)
+  t.same([keys[0], keys[keys.length - 1], keys.length], ['m10', `m${limits.ridsMax + 9}`, limits.ridsMax], 'oldest first')
 })
 
 t.test('users: wildcards, case-insensitive, sorted, paged', async t => {
@@ -131,7 +139,7 @@ t.test('snapshot chunks round-trip to the same state and digest', async t => {
   t.equal(copy.lastTs, st.lastTs)
   t.same(copy.account('b')!.mailbox.newest(100), st.account('b')!.mailbox.newest(100))
   t.equal(copy.account('b')!.mailbox.unread.size, st.account('b')!.mailbox.unread.size)
-  t.same([...copy.rids.keys()], [...st.rids.keys()])
+  t.same([...copy.ridEntries()], [...st.ridEntries()])
   t.throws(() => ChatState.fromSnapshotChunks([{ kind: 'bogus' }]))
 })
 
@@ -159,7 +167,8 @@ t.test('after evictions, a snapshot round trip keeps the rid order and the diges
   for (let k = 0; k < limits.ridsMax + 1500; k++) apply({ op: 'noop', rk: `e${k}` })
   const copy = ChatState.fromSnapshotChunks(st.snapshotChunks() as Iterable<Record<string, unknown>>)
   t.equal(copy.digest(), st.digest())
-  t.equal(copy.rids.size, limits.ridsMax)
+  t.equal(copy.ridCount, limits.ridsMax)
+  t.same([...copy.ridEntries()].map(([k]) => k), [...st.ridEntries()].map(([k]) => k), 'same order')
   t.notOk(copy.ridReply('e1499'))
   t.ok(copy.ridReply('e1500'))
   // Both evict the same next key.

@@ -133,6 +133,6 @@ export function stateView (st: ChatState): Record<string, unknown> {
       unread: [...a.mailbox.unread],
       messages: a.mailbox.ids.map(id => ({ ...a.mailbox.byId.get(id)!, read: a.mailbox.isRead(id) }))
     })).sort((x, y) => x.key < y.key ? -1 : 1),
-    rids: [...st.rids.entries()].map(([k, e]) => [k, e.ts, e.reply])
+    rids: [...st.ridEntries()]
   }
 }
