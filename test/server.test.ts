@@ -181,6 +181,34 @@ t.test('pipelined requests on one connection are answered in order', async t => 
   t.equal(h.messages[0].text, 'n49', 'a query sees the writes sent before it on its connection')
 })
 
+t.test('thousands of requests in one write, writes, queries and bad lines mixed: every reply, in order', async t => {
+  // Deeper than the per-connection limit of requests in flight, so reading pauses and resumes
+  // while the connection's queue of unanswered requests never empties.
+  const s = await startServer(t, { data: tmpDir(t, 'deep') })
+  const c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  await c.req({ op: 'register', user: 'deep', password: 'p' })
+  await c.req({ op: 'register', user: 'sink', password: 'p' })
+  await c.req({ op: 'login', user: 'deep', password: 'p' })
+  const n = 5000
+  let batch = ''
+  for (let k = 0; k < n; k++) {
+    if (k % 997 === 500) batch += '{"op": "send", "id": ' + k + ', "to": \n' // not JSON: answered in its place, without an id
+    else batch += JSON.stringify(k % 3 === 2 ? { op: 'ping', id: k } : { op: 'send', id: k, to: 'sink', text: `d${k}` }) + '\n'
+  }
+  const before = c.lines.length
+  c.sock.write(batch)
+  await waitFor(() => c.lines.length - before >= n, 60_000, 'every reply')
+  const replies = c.lines.slice(before) as Array<{ ok: boolean, id?: number, error?: { code: string } }>
+  const expected = Array.from({ length: n }, (_, k) => k % 997 === 500 ? 'BAD_JSON' : k)
+  t.same(replies.map(r => r.ok ? r.id : r.error?.code), expected, 'one reply per line, in order')
+  const sends = expected.filter(x => typeof x === 'number' && x % 3 !== 2).length
+  const sink = await RawConn.open(s.port)
+  t.teardown(() => sink.close())
+  await sink.req({ op: 'login', user: 'sink', password: 'p' })
+  t.equal((await sink.req({ op: 'read', limit: 1 }) as { remaining: number }).remaining, sends - 1, 'every send applied once')
+})
+
 t.test('a client that never reads: bounded buffers, others still served', async t => {
   const s = await startServer(t, { data: tmpDir(t, 'slow') })
   const setup = await RawConn.open(s.port)
