@@ -29,40 +29,67 @@ export interface LoadedSnapshot {
   chunks: Array<Record<string, unknown>>
 }
 
+// The frames of the snapshot for `index` (a head, the state's chunks, an end), in slices of
+// about sliceBytes. The head and the first chunk make a slice of their own: the mid-snapshot
+// crash point falls right after it. Chunks are encoded as the slices are taken.
+function* frameSlices (index: number, chunks: Iterable<object>, sliceBytes: number): Generator<Buffer> {
+  let pending: Buffer[] = []
+  let bytes = 0
+  let n = 0
+  const take = (): Buffer => {
+    const slice = Buffer.concat(pending, bytes)
+    pending = []
+    bytes = 0
+    return slice
+  }
+  const add = (chunk: object): boolean => {
+    const frame = encodeFrame(chunk)
+    pending.push(frame)
+    bytes += frame.length
+    return ++n === 2 || bytes >= sliceBytes
+  }
+  if (add({ kind: 'head', index })) yield take()
+  for (const chunk of chunks) if (add(chunk)) yield take()
+  add({ kind: 'end', index })
+  yield take()
+}
+
+// Write one slice; after the first, a crash point.
+function writeSlice (files: FileOps, fd: number, slice: Buffer, first: boolean): void {
+  writeAll(files, fd, slice)
+  if (first) crashPoint('mid-snapshot')
+}
+
+// Give up on a temporary file: close it if open, and remove it.
+function discard (files: FileOps, fd: number, tmp: string): void {
+  if (fd >= 0) try { files.closeSync(fd) } catch { /* closing is best effort here */ }
+  try { files.unlinkSync(tmp) } catch { /* best effort: a stale temp file is ignored and removed at the next start */ }
+}
+
+// Move a written, fsync'd and closed temporary file into place, durably.
+function putInPlace (files: FileOps, dir: string, tmp: string, final: string): void {
+  files.renameSync(tmp, final)
+  fsyncDir(files, dir)
+}
+
 // Durably write the snapshot for `index`. Returns its path once it is safely in place.
 export function writeSnapshot (files: FileOps, dir: string, index: number, chunks: Iterable<object>): string {
   const final = path.join(dir, snapshotName(index))
   const tmp = final + '.tmp'
   const fd = files.openSync(tmp, 'w')
   try {
-    let pending: Buffer[] = []
-    let pendingBytes = 0
-    const flush = (): void => {
-      writeAll(files, fd, Buffer.concat(pending, pendingBytes))
-      pending = []
-      pendingBytes = 0
+    let first = true
+    for (const slice of frameSlices(index, chunks, flushBytes)) {
+      writeSlice(files, fd, slice, first)
+      first = false
     }
-    let written = 0
-    for (const chunk of [{ kind: 'head', index }, ...chunks, { kind: 'end', index }]) {
-      const frame = encodeFrame(chunk)
-      pending.push(frame)
-      pendingBytes += frame.length
-      if (pendingBytes >= flushBytes) flush()
-      if (++written === 2) {
-        flush()
-        crashPoint('mid-snapshot')
-      }
-    }
-    flush()
     files.fsyncSync(fd)
   } catch (e) {
-    files.closeSync(fd)
-    try { files.unlinkSync(tmp) } catch { /* best effort: a stale temp file is ignored and removed at the next start */ }
+    discard(files, fd, tmp)
     throw e
   }
   files.closeSync(fd)
-  files.renameSync(tmp, final)
-  fsyncDir(files, dir)
+  putInPlace(files, dir, tmp, final)
   return final
 }
 
@@ -73,12 +100,11 @@ export function writeSnapshot (files: FileOps, dir: string, index: number, chunk
 export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: object[], cancelled: () => boolean, done: (err: Error | null, file: string) => void, sliceBytes = 4 * 1024 * 1024): void {
   const final = path.join(dir, snapshotName(index))
   const tmp = final + '.tmp'
-  const all = [{ kind: 'head', index }, ...chunks, { kind: 'end', index }]
+  const slices = frameSlices(index, chunks, sliceBytes)
   let fd = -1
-  let next = 0
+  let first = true
   const fail = (e: unknown): void => {
-    if (fd >= 0) try { files.closeSync(fd) } catch { /* closing is best effort here */ }
-    try { files.unlinkSync(tmp) } catch { /* a stale temporary file is removed at the next start */ }
+    discard(files, fd, tmp)
     done(e instanceof Error ? e : new Error(String(e)), final)
   }
   const step = (): void => {
@@ -88,22 +114,15 @@ export function writeSnapshotInSlices (files: FileOps, dir: string, index: numbe
     }
     try {
       if (fd < 0) fd = files.openSync(tmp, 'w')
-      const pending: Buffer[] = []
-      let bytes = 0
-      while (next < all.length && bytes < sliceBytes) {
-        const frame = encodeFrame(all[next++])
-        pending.push(frame)
-        bytes += frame.length
-        if (next === 2) break // write the head and the first chunk alone: see mid-snapshot below
+      const next = slices.next()
+      if (!next.done) {
+        writeSlice(files, fd, next.value, first)
+        first = false
+        setImmediate(step)
+        return
       }
-      writeAll(files, fd, Buffer.concat(pending, bytes))
-      if (next === 2) crashPoint('mid-snapshot')
     } catch (e) {
       fail(e)
-      return
-    }
-    if (next < all.length) {
-      setImmediate(step)
       return
     }
     files.fsync(fd, (err) => {
@@ -115,8 +134,7 @@ export function writeSnapshotInSlices (files: FileOps, dir: string, index: numbe
         files.closeSync(fd)
         fd = -1
         if (cancelled()) throw new Error('snapshot cancelled')
-        files.renameSync(tmp, final)
-        fsyncDir(files, dir)
+        putInPlace(files, dir, tmp, final)
       } catch (e) {
         fail(e)
         return
