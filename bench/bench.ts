@@ -23,6 +23,8 @@
 //   --skip-chain       skip the chain throughput table
 //   --skip-failover    skip the failover measurement
 //   --skip-restart     skip the restart part
+//   --reference        also drive bench/reference-server.ts, a bare-bones group-commit server,
+//                      with the same clients at each level, for scale
 //   --profile <dir>    run every server under `node --cpu-prof`, profiles written to <dir>
 //
 // Everything the bench starts is bounded: every wait has a deadline, the whole run has a
@@ -47,6 +49,7 @@ import { connectAll, runLoad, type LoadSpec, type LoadResult, type Pair } from '
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..')
 const serverJs = path.join(root, 'bin/server.js')
+const referenceServer = ['--import', 'tsx', path.join(root, 'bench/reference-server.ts')]
 const password = 'bench-password'
 
 // ---- cleanup: servers, workers and temp dirs die with the bench, however it ends -------------
@@ -85,7 +88,7 @@ function rmTemp (d: string): void {
 // ---- flags ----------------------------------------------------------------------------------
 
 function usageExit (msg: string): never {
-  process.stderr.write(`bench: ${msg}\nusage: npm run bench -- [--duration <s>] [--warmup <s>] [--clients 1,16,64] [--workers <n>] [--push] [--records <n>] [--runs <n>] [--liveness-ms <n>] [--skip-load] [--skip-chain] [--skip-failover] [--skip-restart] [--profile <dir>]\n`)
+  process.stderr.write(`bench: ${msg}\nusage: npm run bench -- [--duration <s>] [--warmup <s>] [--clients 1,16,64] [--workers <n>] [--push] [--records <n>] [--runs <n>] [--liveness-ms <n>] [--skip-load] [--skip-chain] [--skip-failover] [--skip-restart] [--reference] [--profile <dir>]\n`)
   process.exit(2)
 }
 
@@ -99,7 +102,7 @@ function num (name: string, v: string | undefined, fallback: number, min: number
 function parseFlags (): {
   duration: number, warmup: number, clients: number[], workers: number, push: boolean,
   records: number, runs: number, livenessMs: number | null,
-  skipRestart: boolean, skipLoad: boolean, skipChain: boolean, skipFailover: boolean, profile: string | null
+  skipRestart: boolean, skipLoad: boolean, skipChain: boolean, skipFailover: boolean, reference: boolean, profile: string | null
 } {
   let values
   try {
@@ -120,6 +123,7 @@ function parseFlags (): {
         'skip-load': { type: 'boolean' },
         'skip-chain': { type: 'boolean' },
         'skip-failover': { type: 'boolean' },
+        reference: { type: 'boolean' },
         profile: { type: 'string' },
         help: { type: 'boolean', short: 'h' }
       }
@@ -148,6 +152,7 @@ function parseFlags (): {
     skipLoad: values['skip-load'] === true,
     skipChain: values['skip-chain'] === true,
     skipFailover: values['skip-failover'] === true,
+    reference: values.reference === true,
     profile: values.profile === undefined ? null : path.resolve(values.profile)
   }
 }
@@ -166,8 +171,9 @@ interface Server {
 // Extra node flags for every server process (--profile sets them).
 let serverNodeArgs: string[] = []
 
-async function startServer (dir: string, args: string[] = [], readyTimeoutMs = 30_000, port = 0): Promise<Server> {
-  const argv = [...serverNodeArgs, serverJs, '--port', String(port), '--host', '127.0.0.1', '--data', dir, ...args]
+// script: the server to run (bin/server.js; or, for --reference, the reference server under tsx).
+async function startServer (dir: string, args: string[] = [], readyTimeoutMs = 30_000, port = 0, script = [serverJs]): Promise<Server> {
+  const argv = [...serverNodeArgs, ...script, '--port', String(port), '--host', '127.0.0.1', '--data', dir, ...args]
   const t0 = process.hrtime.bigint()
   const proc = spawn(process.execPath, argv, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] })
   liveProcs.add(proc)
@@ -402,7 +408,7 @@ async function runShares (spec: Omit<LoadSpec, 'pairs'>, pairs: Pair[], workers:
 }
 
 // One level: a fresh single server (or a fresh three-server chain) and data directory, n clients.
-async function runLevel (n: number, opts: ReturnType<typeof parseFlags>, kind: 'single' | 'chain'): Promise<LevelResult> {
+async function runLevel (n: number, opts: ReturnType<typeof parseFlags>, kind: 'single' | 'reference' | 'chain'): Promise<LevelResult> {
   const setupStart = Date.now()
   let dir: string | null = null
   let server: Server | null = null
@@ -411,9 +417,9 @@ async function runLevel (n: number, opts: ReturnType<typeof parseFlags>, kind: '
   try {
     let target: { port: number } | { servers: string[] }
     let pids: Array<number | undefined>
-    if (kind === 'single') {
+    if (kind !== 'chain') {
       dir = mkTemp(`load${n}`)
-      server = await startServer(dir)
+      server = await startServer(dir, [], 30_000, 0, kind === 'single' ? [serverJs] : referenceServer)
       target = { port: server.port }
       pids = [server.proc.pid]
     } else {
@@ -918,12 +924,13 @@ async function main (): Promise<void> {
   const started = Date.now()
   const levels = opts.skipLoad ? [] : opts.clients
   const chainLevels = opts.skipLoad || opts.skipChain ? [] : opts.clients
+  const referenceRuns = opts.reference ? levels.length : 0
   const failoverRuns = opts.skipFailover ? 0 : opts.runs
   // Watchdog: generous, but finite. A chain level adds up to 3 x 30 s of start-up and 30 s of
   // convergence to a single-server level; a failover run is bounded by its waits (chain start,
   // convergence, the fault, SIGCONT and rejoin, stop) at well under 4 minutes.
   const budgetMs = 10 * 60_000 +
-    levels.length * (opts.duration + opts.warmup + 120) * 1000 +
+    (levels.length + referenceRuns) * (opts.duration + opts.warmup + 120) * 1000 +
     chainLevels.length * (opts.duration + opts.warmup + 240) * 1000 +
     failoverRuns * 2 * 240_000 +
     (opts.skipRestart ? 0 : (opts.runs + 1) * 600_000 + 5 * 60_000) // each start may take up to 600 s
@@ -966,14 +973,16 @@ async function main (): Promise<void> {
     // Interleaved (single 1, chain 1, single 16, chain 16, ...): on a shared machine whose load
     // drifts, the two figures for a client count are then taken close together in time.
     const single: LevelResult[] = []
+    const reference: LevelResult[] = []
     const chained: LevelResult[] = []
+    const results = { single, reference, chain: chained }
+    const levelsOf = { single: levels, reference: opts.reference ? levels : [], chain: chainLevels }
     for (const n of [...new Set([...levels, ...chainLevels])]) {
-      for (const kind of ['single', 'chain'] as const) {
-        if (!(kind === 'single' ? levels : chainLevels).includes(n)) continue
+      for (const kind of ['single', 'reference', 'chain'] as const) {
+        if (!levelsOf[kind].includes(n)) continue
         const r = await runLevel(n, opts, kind)
-        if (kind === 'single') single.push(r)
-        else chained.push(r)
-        process.stderr.write(`bench: ${kind === 'single' ? 'single server' : 'chain'}, ${n} clients done (setup ${f1(r.setupMs / 1000)} s)\n`)
+        results[kind].push(r)
+        process.stderr.write(`bench: ${kind === 'single' ? 'single server' : kind}, ${n} clients done (setup ${f1(r.setupMs / 1000)} s)\n`)
       }
     }
     const throughput = (rs: LevelResult[]): string => table(['clients', 'ops/s', 'p50 ms', 'p99 ms', 'errors'],
@@ -982,6 +991,11 @@ async function main (): Promise<void> {
     if (single.length > 0) {
       console.log('single server:')
       console.log(throughput(single))
+      console.log()
+    }
+    if (reference.length > 0) {
+      console.log('reference: bench/reference-server.ts, a bare-bones group-commit server (no state, no checks), same clients:')
+      console.log(throughput(reference))
       console.log()
     }
     if (chained.length > 0) {
@@ -994,7 +1008,7 @@ async function main (): Promise<void> {
     const cpuRows = (label: string, rs: LevelResult[]): string[][] => rs.map(r => [label, String(r.clients), f1(r.max),
       r.memberCpu.length > 1 ? `${pct(r.serverCpu)} (${r.memberCpu.map(pct).join(' + ')})` : pct(r.serverCpu), pct(r.benchCpu), pct(r.otherCpu)])
     console.log(table(['setup', 'clients', 'max ms', 'server CPU (chain: primary + backup + tail)', 'bench CPU', 'other CPU'],
-      [...cpuRows('single', single), ...cpuRows('chain', chained)],
+      [...cpuRows('single', single), ...cpuRows('reference', reference), ...cpuRows('chain', chained)],
       [false, true, true, true, true, true]))
     for (const r of single) if (r.firstError) console.log(`first error at ${r.clients} clients, single server: ${r.firstError}`)
     for (const r of chained) if (r.firstError) console.log(`first error at ${r.clients} clients, chain: ${r.firstError}`)
