@@ -483,6 +483,15 @@ function openPreallocated (dir: string, files: FileOps = realFiles): { log: Segm
   return { log: new SegmentLog(dir, files, (msg, fields) => { warnings.push({ msg, fields }) }, prealloc), warnings }
 }
 
+// A new preallocated log in a fresh directory, recovered (empty) and open; `file` is its first
+// segment.
+function newPreallocated (t: Test, files: FileOps = realFiles): { dir: string, file: string, log: SegmentLog, warnings: Warning[] } {
+  const dir = tempDir(t)
+  const { log, warnings } = openPreallocated(dir, files)
+  log.recover(0, () => {})
+  return { dir, file: path.join(dir, segmentName(1)), log, warnings }
+}
+
 // The bytes of a file after its frames: their count, and whether they are all zeros.
 function tailAfterFrames (file: string): { frames: number, padding: number, zeros: boolean } {
   const buf = fs.readFileSync(file)
@@ -492,10 +501,7 @@ function tailAfterFrames (file: string): { frames: number, padding: number, zero
 }
 
 t.test('preallocation: the open segment runs ahead of its records in zeros, whole multiples at a time', async t => {
-  const dir = tempDir(t)
-  const { log, warnings } = openPreallocated(dir)
-  log.recover(0, () => {})
-  const file = path.join(dir, segmentName(1))
+  const { dir, file, log, warnings } = newPreallocated(t)
   t.equal(fs.statSync(file).size, 0, 'nothing written, nothing allocated')
   let written = 0
   for (let i = 1; i <= 40; i += 4) {
@@ -531,13 +537,10 @@ t.test('preallocation: the open segment runs ahead of its records in zeros, whol
 })
 
 t.test('preallocation: rolling trims the old segment to its records; zeros left in an older segment still recover', async t => {
-  const dir = tempDir(t)
-  const { log } = openPreallocated(dir)
-  log.recover(0, () => {})
+  const { dir, file: first, log } = newPreallocated(t)
   const b = batch(records(1, 4))
   log.append(b.frames, 4)
   log.roll()
-  const first = path.join(dir, segmentName(1))
   t.equal(fs.statSync(first).size, b.frames.length, 'trimmed')
   log.append(batch(records(5, 7)).frames, 7)
   log.close()
@@ -550,13 +553,10 @@ t.test('preallocation: rolling trims the old segment to its records; zeros left 
 })
 
 t.test('preallocation: a torn frame over the zeros is a torn tail; the log is preallocated again after it', async t => {
-  const dir = tempDir(t)
-  const { log } = openPreallocated(dir)
-  log.recover(0, () => {})
+  const { dir, file, log } = newPreallocated(t)
   const b = batch(records(1, 3))
   log.append(b.frames, 3)
   log.close()
-  const file = path.join(dir, segmentName(1))
   // A crash mid-write: the start of frame 4 reached the disk, the rest of the page did not.
   const fd = fs.openSync(file, 'r+')
   fs.writeSync(fd, encodeFrame(record(4)).subarray(0, 20), 0, 20, b.frames.length)
@@ -574,11 +574,8 @@ t.test('preallocation: a torn frame over the zeros is a torn tail; the log is pr
 })
 
 t.test('preallocation: when the zeros cannot be written (a full disk), records are appended as without it', async t => {
-  const dir = tempDir(t)
   const ff = faultyFiles()
-  const { log } = openPreallocated(dir, ff.files)
-  log.recover(0, () => {})
-  const file = path.join(dir, segmentName(1))
+  const { dir, file, log } = newPreallocated(t, ff.files)
   const first = batch(records(1, 2))
   // The first zero write runs out of room halfway.
   let zeroWrites = 0
@@ -605,16 +602,13 @@ t.test('preallocation: when the zeros cannot be written (a full disk), records a
 })
 
 t.test('preallocation: a failed record write cuts back to the records, zeros and all', async t => {
-  const dir = tempDir(t)
   const ff = faultyFiles()
-  const { log } = openPreallocated(dir, ff.files)
-  log.recover(0, () => {})
+  const { dir, file, log } = newPreallocated(t, ff.files)
   const b = batch(records(1, 3))
   log.append(b.frames, 3)
   ff.hooks.writeSync = () => { throw errnoError('EIO') }
   t.match(thrown(() => log.append(batch([record(4)]).frames, 4)), { code: 'STORAGE_ERROR' })
   delete ff.hooks.writeSync
-  const file = path.join(dir, segmentName(1))
   t.equal(fs.statSync(file).size, b.frames.length)
   t.equal(log.failed, null)
   log.append(batch([record(4)]).frames, 4)
