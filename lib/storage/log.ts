@@ -320,14 +320,9 @@ export class SegmentLog {
     if (this.allocated > this.size) {
       try { this.files.ftruncateSync(this.fd, this.size) } catch { /* as above */ }
     }
-    this.files.closeSync(this.fd)
-    this.generation++
-    this.syncing = false
-    this.fd = fd
-    this.size = 0
-    this.allocated = 0
-    this.preallocating = this.preallocateBytes > 0
+    this.close()
     this.segments.push(next)
+    this.adopt(fd, 0, 0)
   }
 
   // Delete segments whose every record is at or below snapshotIndex.
@@ -359,10 +354,16 @@ export class SegmentLog {
   // Open the last segment for writing; its records end at `end`, and anything after that is
   // preallocated zeros.
   private openLast (end: number): void {
-    const seg = this.segments[this.segments.length - 1]
-    this.fd = this.files.openSync(seg.file, 'r+')
+    const fd = this.files.openSync(this.segments[this.segments.length - 1].file, 'r+')
+    this.adopt(fd, end, this.files.fstatSync(fd).size)
+  }
+
+  // Make fd, open on the last segment, the one appends go to: its records end at `end`, and the
+  // file is `allocated` bytes long.
+  private adopt (fd: number, end: number, allocated: number): void {
+    this.fd = fd
     this.size = end
-    this.allocated = this.files.fstatSync(this.fd).size
+    this.allocated = allocated
     this.preallocating = this.preallocateBytes > 0
   }
 

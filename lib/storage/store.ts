@@ -145,13 +145,19 @@ export class Store {
       if (index <= this.snapshotIndex) return
       try {
         this.snapshotIndex = index
-        const segments = this.log.compact(index)
-        removeOldSnapshots(this.files, this.dir, index)
-        this.info('snapshot written', { file, index, ms: Date.now() - started, segmentsRemoved: segments })
+        this.dropCovered(index, file, started)
       } catch (e) {
         this.warn('removing what the snapshot covers failed; the next snapshot retries', { error: String(e) })
       }
     })
+  }
+
+  // The snapshot at `index` (file) is in place: delete the log segments and the older snapshots
+  // it covers, and say so. Throws what the deletions throw; each caller handles it its own way.
+  private dropCovered (index: number, file: string, started: number): void {
+    const segments = this.log.compact(index)
+    removeOldSnapshots(this.files, this.dir, index)
+    this.info('snapshot written', { file, index, ms: Date.now() - started, segmentsRemoved: segments })
   }
 
   private failed (index: number, e: unknown): void {
@@ -173,9 +179,7 @@ export class Store {
       this.snapshotIndex = state.index
       this.log.roll()
       this.bytesSinceSnapshot = 0
-      const segments = this.log.compact(state.index)
-      removeOldSnapshots(this.files, this.dir, state.index)
-      this.info('snapshot written', { file, index: state.index, ms: Date.now() - started, segmentsRemoved: segments })
+      this.dropCovered(state.index, file, started)
     } catch (e) {
       this.failed(state.index, e)
     }
