@@ -109,7 +109,7 @@ export class Dispatcher {
         }
         session.failedLogins = 0
         this.setUser(session, account.key)
-        return ok({ user: account.name, unread: account.mailbox.unread.size })
+        return ok({ user: account.name, unread: account.mailbox.unreadCount })
       }
       case 'logout':
         this.setUser(session, null)

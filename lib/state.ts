@@ -6,6 +6,7 @@
 import assert from 'node:assert/strict'
 import type { LogRecord } from './records.ts'
 import { limits } from './limits.ts'
+import { KeySlots } from './key-slots.ts'
 import type { ErrorCode } from './errors.ts'
 
 export interface Message {
@@ -41,42 +42,88 @@ export interface Applied {
   delivered?: boolean // set by the primary: a push was handed to a live session
 }
 
-// A user's messages, read and unread, in id order. Ids grow with the log index, so appending
-// keeps `ids` sorted and `unread` in insertion (= id) order. A message is read when it is not
-// in `unread`. Message objects are never changed once made, so replies, pushes and the
-// exactly-once table share them.
+// A user's messages, read and unread, in id order: sorted arrays, with no hash table per
+// mailbox. Ids grow with the log index, so adding appends. `unread` holds the unread ids, in
+// order, from `unreadHead` on: reading takes the oldest, so the array is trimmed at the head and
+// compacted now and then. Finding a message or its read mark is a binary search. Message objects
+// are never changed once made, so replies, pushes and the exactly-once table share them.
 export class Mailbox {
-  readonly ids: number[] = []
-  readonly byId = new Map<number, Message>()
-  readonly unread = new Set<number>()
+  private readonly ids: number[] = []
+  private readonly messages: Message[] = [] // parallel to ids
+  private readonly unread: number[] = []
+  private unreadHead = 0
+
+  get size (): number { return this.ids.length }
+  get unreadCount (): number { return this.unread.length - this.unreadHead }
 
   add (m: Message, read: boolean): void {
     if (this.ids.length > 0 && this.ids[this.ids.length - 1] >= m.id) assert.fail('message ids must grow')
     this.ids.push(m.id)
-    this.byId.set(m.id, m)
-    if (!read) this.unread.add(m.id)
+    this.messages.push(m)
+    if (!read) this.unread.push(m.id)
   }
 
-  isRead (id: number): boolean { return !this.unread.has(id) }
+  get (id: number): Message | undefined {
+    const k = lowerBound(this.ids, id)
+    return this.ids[k] === id ? this.messages[k] : undefined
+  }
 
-  remove (id: number): boolean {
-    if (!this.byId.delete(id)) return false
-    this.unread.delete(id)
-    this.ids.splice(lowerBound(this.ids, id), 1)
+  // Whether the message `id`, which is in the mailbox, has been read.
+  isRead (id: number): boolean {
+    return this.unread[lowerBound(this.unread, id, this.unreadHead)] !== id
+  }
+
+  // Mark `id` read; false if it was read already or is not here.
+  markRead (id: number): boolean {
+    const k = lowerBound(this.unread, id, this.unreadHead)
+    if (this.unread[k] !== id) return false
+    if (k > this.unreadHead) this.unread.splice(k, 1)
+    else if (++this.unreadHead >= 1024 && this.unreadHead * 2 >= this.unread.length) {
+      this.unread.splice(0, this.unreadHead)
+      this.unreadHead = 0
+    }
     return true
+  }
+
+  // Take `id` out; what it was, or undefined if it is not here.
+  remove (id: number): { message: Message, read: boolean } | undefined {
+    const k = lowerBound(this.ids, id)
+    if (this.ids[k] !== id) return undefined
+    const message = this.messages[k]
+    this.ids.splice(k, 1)
+    this.messages.splice(k, 1)
+    return { message, read: !this.markRead(id) }
+  }
+
+  // The oldest unread messages, at most `limit` of them.
+  oldestUnread (limit: number): Message[] {
+    const end = Math.min(this.unread.length, this.unreadHead + limit)
+    const out: Message[] = []
+    for (let k = this.unreadHead; k < end; k++) out.push(this.get(this.unread[k])!)
+    return out
   }
 
   // Newest first, ids strictly below `before` when given.
   newest (limit: number, before?: number): Message[] {
     let end = before === undefined ? this.ids.length : lowerBound(this.ids, before)
     const out: Message[] = []
-    while (end > 0 && out.length < limit) out.push(this.byId.get(this.ids[--end])!)
+    while (end > 0 && out.length < limit) out.push(this.messages[--end])
     return out
+  }
+
+  // Every message in id order, with its read mark.
+  * entries (): Generator<[Message, boolean]> {
+    let u = this.unreadHead
+    for (let k = 0; k < this.ids.length; k++) {
+      const unread = this.unread[u] === this.ids[k]
+      if (unread) u++
+      yield [this.messages[k], !unread]
+    }
   }
 }
 
-export function lowerBound (sorted: ArrayLike<number | string>, x: number | string): number {
-  let lo = 0
+// The first position at or after `lo` whose element is not below x.
+export function lowerBound (sorted: ArrayLike<number | string>, x: number | string, lo = 0): number {
   let hi = sorted.length
   while (lo < hi) {
     const mid = (lo + hi) >>> 1
@@ -192,10 +239,9 @@ export class ChatState {
   readonly accounts = new Map<string, Account>()
   readonly sortedKeys: string[] = [] // account keys, sorted, for listing and prefix search
   // The exactly-once table: a ring of at most ridsMax entries in the order they were applied,
-  // oldest (the next to evict) at ridStart, and a map from key to slot. Each entry's digest
-  // lanes are kept so that eviction need not recompute them.
-  private readonly ridSlots = new Map<string, number>()
-  private readonly ridKeys: string[] = []
+  // oldest (the next to evict) at ridStart, and an index from key to slot that holds the keys.
+  // Each entry's digest lanes are kept so that eviction need not recompute them.
+  private readonly ridSlots = new KeySlots(limits.ridsMax)
   private readonly ridTs: number[] = []
   private readonly ridReplies: Reply[] = []
   private readonly ridHx: number[] = []
@@ -208,7 +254,7 @@ export class ChatState {
   // The stored reply of an applied request with this exactly-once key, if any.
   ridReply (rk: string): Reply | undefined {
     const slot = this.ridSlots.get(rk)
-    return slot === undefined ? undefined : this.ridReplies[slot]
+    return slot < 0 ? undefined : this.ridReplies[slot]
   }
 
   // Entries in the exactly-once table.
@@ -216,10 +262,10 @@ export class ChatState {
 
   // The table's entries, oldest first: key, time, stored reply.
   * ridEntries (): Generator<[string, number, Reply]> {
-    const n = this.ridKeys.length
+    const n = this.ridTs.length
     for (let k = 0; k < n; k++) {
       const slot = (this.ridStart + k) % n
-      yield [this.ridKeys[slot], this.ridTs[slot], this.ridReplies[slot]]
+      yield [this.ridSlots.keyAt(slot), this.ridTs[slot], this.ridReplies[slot]]
     }
   }
 
@@ -264,13 +310,9 @@ export class ChatState {
       case 'read': {
         const a = this.accounts.get(r.user.toLowerCase())
         if (!a) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
-        const taken: Message[] = []
-        for (const id of a.mailbox.unread) {
-          if (taken.length >= r.limit) break
-          taken.push(a.mailbox.byId.get(id)!)
-        }
+        const taken = a.mailbox.oldestUnread(r.limit)
         for (const m of taken) this.markRead(a, m.id)
-        return { reply: { ok: true, messages: taken, remaining: a.mailbox.unread.size }, effects: {} }
+        return { reply: { ok: true, messages: taken, remaining: a.mailbox.unreadCount }, effects: {} }
       }
       case 'mark_read': {
         const a = this.accounts.get(r.user.toLowerCase())
@@ -283,10 +325,9 @@ export class ChatState {
         let deleted = 0
         const missing: number[] = []
         for (const id of new Set(r.ids)) {
-          const m = a.mailbox.byId.get(id)
-          const read = a.mailbox.isRead(id)
-          if (m && a.mailbox.remove(id)) {
-            this.digestAcc.removeMessage(a.key, m, read)
+          const gone = a.mailbox.remove(id)
+          if (gone) {
+            this.digestAcc.removeMessage(a.key, gone.message, gone.read)
             deleted++
           } else missing.push(id)
         }
@@ -304,8 +345,8 @@ export class ChatState {
   }
 
   private markRead (a: Account, id: number): void {
-    if (!a.mailbox.unread.delete(id)) return // read already, or no such message
-    const m = a.mailbox.byId.get(id)!
+    if (!a.mailbox.markRead(id)) return // read already, or no such message
+    const m = a.mailbox.get(id)!
     this.digestAcc.removeMessage(a.key, m, false)
     this.digestAcc.addMessage(a.key, m, true)
   }
@@ -317,9 +358,7 @@ export class ChatState {
   }
 
   private removeAccount (a: Account): void {
-    for (const id of a.mailbox.ids) {
-      this.digestAcc.removeMessage(a.key, a.mailbox.byId.get(id)!, a.mailbox.isRead(id))
-    }
+    for (const [m, read] of a.mailbox.entries()) this.digestAcc.removeMessage(a.key, m, read)
     this.digestAcc.removeAccount(a)
     this.accounts.delete(a.key)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
@@ -328,9 +367,8 @@ export class ChatState {
   private rememberRid (key: string, ts: number, reply: Reply): void {
     hashRid(key, ts, reply)
     this.digestAcc.addLanes(hx, hy)
-    let slot = this.ridKeys.length
+    let slot = this.ridTs.length
     if (slot < limits.ridsMax) {
-      this.ridKeys.push(key)
       this.ridTs.push(ts)
       this.ridReplies.push(reply)
       this.ridHx.push(hx)
@@ -338,9 +376,8 @@ export class ChatState {
     } else { // full: the newest entry takes the oldest one's slot
       slot = this.ridStart
       this.ridStart = (slot + 1) % limits.ridsMax
-      this.ridSlots.delete(this.ridKeys[slot])
+      this.ridSlots.delete(slot)
       this.digestAcc.removeLanes(this.ridHx[slot], this.ridHy[slot])
-      this.ridKeys[slot] = key
       this.ridTs[slot] = ts
       this.ridReplies[slot] = reply
       this.ridHx[slot] = hx
@@ -374,9 +411,8 @@ export class ChatState {
       const a = this.accounts.get(key)!
       let messages: SnapshotMessage[] = []
       let first = true
-      for (const id of a.mailbox.ids) {
-        const m = a.mailbox.byId.get(id)!
-        messages.push([m.id, m.from, m.to, m.text, m.ts, a.mailbox.isRead(id) ? 1 : 0])
+      for (const [m, read] of a.mailbox.entries()) {
+        messages.push([m.id, m.from, m.to, m.text, m.ts, read ? 1 : 0])
         if (messages.length === messagesPerChunk) {
           yield first ? { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages } : { kind: 'messages', name: a.name, messages }
           first = false

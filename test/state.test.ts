@@ -1,5 +1,5 @@
 import t from 'tap'
-import { ChatState, Mailbox, lowerBound } from '../lib/state.ts'
+import { ChatState, Mailbox, lowerBound, type Message } from '../lib/state.ts'
 import type { LogRecord, RecordBody } from '../lib/records.ts'
 import { limits } from '../lib/limits.ts'
 
@@ -30,7 +30,7 @@ t.test('send: ids are record indexes, unread counted, pushes reported as effects
   t.ok(r.reply.ok)
   t.same((r.reply as unknown as { message: unknown }).message, { id: 3, from: 'alice', to: 'bob', text: 'hi', ts: 1030 })
   t.equal(r.effects.push?.id, 3)
-  t.equal(st.account('bob')!.mailbox.unread.size, 1)
+  t.equal(st.account('bob')!.mailbox.unreadCount, 1)
   const missing = apply({ op: 'send', from: 'alice', to: 'carol', text: 'x' })
   t.equal(missing.reply.ok ? '' : missing.reply.error.code, 'NO_SUCH_USER')
   t.notOk(missing.effects.push)
@@ -59,7 +59,7 @@ t.test('delete_messages only touches the caller\'s mailbox and reports missing i
   t.equal(st.digest(), before, 'nothing changed')
   const r2 = apply({ op: 'delete_messages', user: 'b', ids: [3, 3, 99] }).reply
   t.same(r2, { ok: true, deleted: 1, missing: [99] })
-  t.equal(st.account('b')!.mailbox.byId.size, 0)
+  t.equal(st.account('b')!.mailbox.size, 0)
 })
 
 t.test('delete_account removes the mailbox, keeps sent messages, frees the name', async t => {
@@ -75,7 +75,7 @@ t.test('delete_account removes the mailbox, keeps sent messages, frees the name'
   t.notOk(st.account('b'))
   t.same(st.account('a')!.mailbox.newest(10).map(m => m.text), ['to a'])
   apply({ op: 'register', user: 'B', salt: 's', hash: 'h' })
-  t.equal(st.account('b')!.mailbox.byId.size, 0, 'a new account starts empty')
+  t.equal(st.account('b')!.mailbox.size, 0, 'a new account starts empty')
 })
 
 t.test('rids: a repeated key returns the stored reply and changes nothing', async t => {
@@ -85,7 +85,7 @@ t.test('rids: a repeated key returns the stored reply and changes nothing', asyn
   const again = apply({ op: 'send', from: 'a', to: 'b', text: 'once', rk: 'a\u0000r1' })
   t.same(again.reply, first.reply)
   t.same(again.effects, {}, 'no second push')
-  t.equal(st.account('b')!.mailbox.byId.size, 1)
+  t.equal(st.account('b')!.mailbox.size, 1)
   t.equal(st.digest(), digest)
   t.same(st.ridReply('a\u0000r1'), first.reply)
 })
@@ -138,7 +138,7 @@ t.test('snapshot chunks round-trip to the same state and digest', async t => {
   t.equal(copy.index, st.index)
   t.equal(copy.lastTs, st.lastTs)
   t.same(copy.account('b')!.mailbox.newest(100), st.account('b')!.mailbox.newest(100))
-  t.equal(copy.account('b')!.mailbox.unread.size, st.account('b')!.mailbox.unread.size)
+  t.equal(copy.account('b')!.mailbox.unreadCount, st.account('b')!.mailbox.unreadCount)
   t.same([...copy.ridEntries()], [...st.ridEntries()])
   t.throws(() => ChatState.fromSnapshotChunks([{ kind: 'bogus' }]))
 })
@@ -156,10 +156,65 @@ t.test('Mailbox and lowerBound', async t => {
   t.throws(() => mb.add({ id: 1, from: 'a', to: 'b', text: 'x', ts: 1 }, false), 'ids must grow')
   mb.add({ id: 2, from: 'a', to: 'b', text: 'y', ts: 2 }, true)
   t.same([mb.isRead(1), mb.isRead(2)], [false, true])
-  t.same([...mb.unread], [1])
+  t.same(mb.oldestUnread(10).map(m => m.id), [1])
   t.notOk(mb.remove(7))
-  t.ok(mb.remove(1))
-  t.same([...mb.unread], [], 'removed with its unread mark')
+  t.same(mb.remove(1), { message: { id: 1, from: 'a', to: 'b', text: 'x', ts: 1 }, read: false })
+  t.equal(mb.unreadCount, 0, 'removed with its unread mark')
+  t.same(mb.remove(2)?.read, true)
+  t.equal(mb.size, 0)
+})
+
+// The mailbox's sorted arrays against a model made of a Map and a Set, through a long random
+// run of adds, reads of the oldest unread, read marks and removals: enough reads that the
+// unread array is trimmed at its head and compacted many times.
+t.test('Mailbox agrees with a Map-and-Set model', async t => {
+  const mb = new Mailbox()
+  const model = new Map<number, Message>()
+  const unread = new Set<number>() // insertion order is id order
+  let seed = 7
+  const rand = (n: number): number => { seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0; return seed % n }
+  let next = 1
+  let disagreements = 0
+  for (let step = 0; step < 40_000; step++) {
+    const roll = rand(100)
+    if (roll < 45 || model.size === 0) {
+      const m: Message = { id: next, from: 'a', to: 'b', text: `m${next}`, ts: next }
+      next += 1 + rand(3)
+      const read = rand(5) === 0
+      mb.add(m, read)
+      model.set(m.id, m)
+      if (!read) unread.add(m.id)
+    } else if (roll < 70) {
+      const limit = 1 + rand(40)
+      const want = [...unread].slice(0, limit)
+      const got = mb.oldestUnread(limit).map(m => m.id)
+      if (JSON.stringify(got) !== JSON.stringify(want)) disagreements++
+      for (const id of got) mb.markRead(id)
+      for (const id of want) unread.delete(id)
+    } else if (roll < 85) {
+      const id = 1 + rand(next)
+      if (mb.markRead(id) !== unread.delete(id)) disagreements++
+    } else {
+      const id = 1 + rand(next)
+      const gone = mb.remove(id)
+      const m = model.get(id)
+      if ((gone?.message ?? null) !== (m ?? null) || (m !== undefined && gone?.read !== !unread.has(id))) disagreements++
+      model.delete(id)
+      unread.delete(id)
+    }
+    if (step % 997 === 0) {
+      const want = [...model.values()].map(m => [m.id, !unread.has(m.id)])
+      const got = [...mb.entries()].map(([m, read]) => [m.id, read])
+      if (JSON.stringify(got) !== JSON.stringify(want)) disagreements++
+      const id = 1 + rand(next)
+      if (mb.get(id) !== model.get(id)) disagreements++
+      if (model.has(id) && mb.isRead(id) !== !unread.has(id)) disagreements++
+    }
+    if (mb.size !== model.size || mb.unreadCount !== unread.size) disagreements++
+  }
+  t.equal(disagreements, 0)
+  t.ok(next > 15_000, 'many messages went through the box')
+  t.same(mb.newest(3).map(m => m.id), [...model.keys()].slice(-3).reverse())
 })
 
 t.test('after evictions, a snapshot round trip keeps the rid order and the digest', async t => {

@@ -129,9 +129,7 @@ export function stateView (st: ChatState): Record<string, unknown> {
       salt: a.salt,
       hash: a.hash,
       created: a.created,
-      ids: [...a.mailbox.ids],
-      unread: [...a.mailbox.unread],
-      messages: a.mailbox.ids.map(id => ({ ...a.mailbox.byId.get(id)!, read: a.mailbox.isRead(id) }))
+      messages: [...a.mailbox.entries()].map(([m, read]) => ({ ...m, read }))
     })).sort((x, y) => x.key < y.key ? -1 : 1),
     rids: [...st.ridEntries()]
   }
