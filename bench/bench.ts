@@ -41,7 +41,7 @@ import os from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ChatClient } from '../lib/client.ts'
-import { encodeFrame } from '../lib/storage/framing.ts'
+import { encodeRecordFrame } from '../lib/storage/framing.ts'
 import { segmentName } from '../lib/storage/log.ts'
 import { limits } from '../lib/limits.ts'
 import type { RegisterRecord, SendRecord } from '../lib/records.ts'
@@ -776,10 +776,10 @@ function lcg (seed: number): () => number {
 
 const words = ['hello', 'are', 'you', 'coming', 'tonight', 'lunch', 'meeting', 'moved', 'to', 'three', 'thanks', 'see', 'the', 'doc', 'ok', 'sounds', 'good', 'deploy', 'is', 'done', 'call', 'me', 'later', 'when', 'free', 'ship', 'it', 'friday', 'review', 'please']
 
-// Write a log of `records` records straight into `dir` with the project's framing and segment
-// naming: `users` register records (all sharing one real scrypt hash of `password`), then sends
-// between them, each with the exactly-once key a real client's rid produces, in the field order
-// the server's committer writes them. One segment, as a server running with snapshots disabled
+// Write a log of `records` records straight into `dir` with the project's framing, record
+// encoding (encodeRecordFrame, as the committer writes them) and segment naming: `users`
+// register records (all sharing one real scrypt hash of `password`), then sends between them,
+// each with the exactly-once key a real client's rid produces. One segment, as a server running with snapshots disabled
 // would leave it. Returns the log's size in bytes.
 function buildLog (dir: string, records: number, users: number, from = 1): number {
   const salt = randomBytes(limits.saltBytes)
@@ -814,7 +814,7 @@ function buildLog (dir: string, records: number, users: number, from = 1): numbe
       if (i <= users) {
         const k = i - 1
         const r: RegisterRecord = { op: 'register', user: names[k], salt: saltB64, hash: hashB64, rk: `\u0000${prefixes[k]}-${++ridSeq[k]}`, i, e: 0, ts }
-        push(encodeFrame(r))
+        push(encodeRecordFrame(r))
         continue
       }
       const from = Math.floor(rand() * users)
@@ -823,7 +823,7 @@ function buildLog (dir: string, records: number, users: number, from = 1): numbe
       let text = rand() < 0.5 ? `hey ${names[to]},` : 'hi!'
       for (let w = 0; w < nWords; w++) text += ' ' + words[Math.floor(rand() * words.length)]
       const r: SendRecord = { op: 'send', from: names[from], to: names[to], text, rk: `${names[from]}\u0000${prefixes[from]}-${++ridSeq[from]}`, i, e: 0, ts }
-      push(encodeFrame(r))
+      push(encodeRecordFrame(r))
     }
     flush()
     fs.fsyncSync(fd)

@@ -10,7 +10,7 @@
 // while it runs, requests keep being read, stamped and forwarded, and the records acknowledged
 // meanwhile make up the next write. A lone record is synced on the loop (see flush).
 
-import { encodeFrame } from './storage/framing.ts'
+import { encodeRecordFrame } from './storage/framing.ts'
 import type { Store } from './storage/store.ts'
 import type { ChatState, Applied } from './state.ts'
 import type { LogRecord, RecordBody } from './records.ts'
@@ -107,7 +107,7 @@ export class Committer {
     const record = { ...body, i: this.assigned + 1, e: this.epoch, ts: this.lastTs } as LogRecord
     let frame: Buffer
     try {
-      frame = encodeFrame(record)
+      frame = encodeRecordFrame(record)
     } catch (e) {
       return Promise.reject(errors.internal(e))
     }

@@ -1,8 +1,9 @@
 import t from 'tap'
 import zlib from 'node:zlib'
-import { encodeFrame, decodeFrame, validFrameAfter, frameHeaderBytes } from '../lib/storage/framing.ts'
+import { encodeFrame, encodeRecordFrame, decodeFrame, validFrameAfter, frameHeaderBytes } from '../lib/storage/framing.ts'
 import { limits } from '../lib/limits.ts'
 import { record } from './helpers/storage.ts'
+import type { LogRecord, SendRecord } from '../lib/records.ts'
 
 // A frame with the given payload bytes and a correct checksum, built by hand.
 function rawFrame (payload: Buffer | string, len?: number): Buffer {
@@ -131,4 +132,90 @@ t.test('validFrameAfter', async t => {
 
   t.equal(validFrameAfter(Buffer.concat([Buffer.alloc(5), rawFrame('{}')]), 0), true, 'the smallest object, ending exactly at the end')
   t.equal(validFrameAfter(Buffer.concat([Buffer.alloc(5), rawFrame('[1]')]), 0), false, 'a good frame that is not an object')
+})
+
+// ---- binary send records ------------------------------------------------------------------
+
+const sends: SendRecord[] = [
+  { op: 'send', from: 'alice', to: 'bob', text: 'hi', rk: 'alice\u0000r1', i: 5, e: 2, ts: 1_700_000_000_123 },
+  { op: 'send', from: 'Bob', to: 'ALICE', text: 'no rid', i: 6, e: 0, ts: 1 },
+  { op: 'send', from: 'caf\u00e9', to: 'z\u{1f600}', text: 'caf\u00e9 \u{1f600} \u0000 "quoted"\n{}', rk: '', i: Number.MAX_SAFE_INTEGER, e: 2 ** 40, ts: 0 },
+  { op: 'send', from: 'a', to: 'b', text: '', i: 1, e: 0, ts: 2 ** 52 + 1 }
+]
+
+t.test('send records are binary; they decode to the record, with no rk field when there was none', async t => {
+  for (const r of sends) {
+    const f = encodeRecordFrame(r)
+    t.equal(f[frameHeaderBytes], 0x01, 'the binary tag')
+    t.ok(f.length < encodeFrame(r).length, 'smaller than the JSON')
+    t.equal(f.readUInt32LE(4), zlib.crc32(f.subarray(frameHeaderBytes)), 'CRC-32 of the payload')
+    const d = decodeFrame(f, 0)
+    t.same(d, { kind: 'ok', value: r, next: f.length })
+    if (d.kind === 'ok') t.equal('rk' in d.value, r.rk !== undefined, 'rk present only when set')
+  }
+  const other: LogRecord = { op: 'read', user: 'bob', limit: 3, i: 9, e: 0, ts: 5 }
+  t.same(encodeRecordFrame(other), encodeFrame(other), 'every other record is JSON')
+})
+
+t.test('a log may mix JSON sends (as logs were written before) and binary ones', async t => {
+  const frames = sends.flatMap(r => [encodeFrame(r), encodeRecordFrame(r)])
+  const all = Buffer.concat(frames)
+  const got: unknown[] = []
+  for (let off = 0; off < all.length;) {
+    const d = decodeFrame(all, off)
+    if (d.kind !== 'ok') throw new Error(`expected ok at ${off}, got ${JSON.stringify(d)}`)
+    got.push(d.value)
+    off = d.next
+  }
+  t.same(got, sends.flatMap(r => [r, r]))
+})
+
+t.test('a binary send frame: every truncation is short, every flipped byte is caught', async t => {
+  const f = encodeRecordFrame(sends[0])
+  for (let cut = 0; cut < f.length; cut++) t.same(decodeFrame(f.subarray(0, cut), 0), { kind: 'short' }, `cut at ${cut}`)
+  const after = encodeRecordFrame(sends[1])
+  for (let at = frameHeaderBytes; at < f.length; at++) {
+    const buf = Buffer.concat([f, after])
+    buf[at] ^= 0x01
+    t.same(decodeFrame(buf, 0), { kind: 'bad', why: 'checksum mismatch' }, `payload byte ${at}`)
+  }
+})
+
+t.test('a binary send whose lengths do not fill its payload exactly is bad, even with a good checksum', async t => {
+  const payload = encodeRecordFrame(sends[0]).subarray(frameHeaderBytes)
+  const cases: Array<[string, Buffer]> = [
+    ['the tag alone', Buffer.from([0x01])],
+    ['a head cut short', payload.subarray(0, 34)],
+    ['a string cut short', payload.subarray(0, payload.length - 1)],
+    ['a byte too many', Buffer.concat([payload, Buffer.from('x')])]
+  ]
+  for (const at of [25, 27, 29, 31]) {
+    const p = Buffer.from(payload)
+    p[at] += 1
+    cases.push([`length field at ${at} one too big`, p])
+  }
+  const huge = Buffer.from(payload)
+  huge.writeUInt32LE(0xffffffff, 31)
+  cases.push(['a text length beyond everything', huge])
+  for (const [what, p] of cases) t.same(decodeFrame(rawFrame(p), 0), { kind: 'bad', why: 'malformed send record' }, what)
+})
+
+t.test('validFrameAfter finds a binary send frame, and only a good one', async t => {
+  const a = encodeFrame(record(1))
+  const b = encodeRecordFrame(sends[1])
+  t.equal(validFrameAfter(Buffer.concat([a, Buffer.from('junk'), b]), 0), true)
+  const bad = Buffer.concat([a, b])
+  bad[a.length + 4] ^= 0x01 // b's checksum
+  t.equal(validFrameAfter(bad, 0), false)
+})
+
+t.test('encodeRecordFrame refuses a send beyond recordBytesMax, or a name or key of 64 KiB', async t => {
+  const base = sends[0]
+  t.throws(() => encodeRecordFrame({ ...base, text: 'x'.repeat(limits.recordBytesMax) }), RangeError)
+  const fits = encodeRecordFrame({ ...base, text: 'x'.repeat(limits.recordBytesMax - 35 - 5 - 3 - 8) })
+  t.equal(fits.length, frameHeaderBytes + limits.recordBytesMax, 'exactly at the limit is fine')
+  t.equal(decodeFrame(fits, 0).kind, 'ok')
+  t.throws(() => encodeRecordFrame({ ...base, from: 'x'.repeat(0x10000) }), RangeError)
+  t.throws(() => encodeRecordFrame({ ...base, rk: 'x'.repeat(0xffff) }), RangeError, 'rk length + 1 must fit in 16 bits')
+  t.equal(decodeFrame(encodeRecordFrame({ ...base, rk: 'x'.repeat(0xfffe) }), 0).kind, 'ok', 'the longest rk')
 })

@@ -3,7 +3,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import { SegmentLog, CorruptLogError, segmentName, type Warn } from '../lib/storage/log.ts'
 import { realFiles, type FileOps } from '../lib/storage/files.ts'
-import { encodeFrame } from '../lib/storage/framing.ts'
+import { encodeFrame, encodeRecordFrame } from '../lib/storage/framing.ts'
 import { Store } from '../lib/storage/store.ts'
 import { ChatError } from '../lib/errors.ts'
 import type { LogRecord } from '../lib/records.ts'
@@ -78,7 +78,7 @@ t.test('an empty directory starts an empty log after the snapshot index', async 
   t.same(log.recover(41, () => t.fail('no records')), { lastIndex: 41, truncatedBytes: 0 })
   t.equal(log.lastIndex, 41)
   t.ok(fs.existsSync(path.join(dir, segmentName(42))), 'first segment named after the next index')
-  log.append(encodeFrame(record(42)), 42)
+  log.append(encodeRecordFrame(record(42)), 42)
   log.close()
   const back = readLog(dir, 41)
   t.same(back.recs, [record(42)])
@@ -117,7 +117,7 @@ t.test('torn tail: the last record cut at every byte offset', async t => {
     if (cut > last.start) t.match(warnings[0], { msg: /torn write/, fields: { file, offset: last.start, bytes: cut - last.start } })
     // The log takes appends at the cut, and they are recovered next time.
     const replacement = record(n, 3)
-    log.append(encodeFrame(replacement), n)
+    log.append(encodeRecordFrame(replacement), n)
     log.close()
     const back = readLog(dir)
     const ok2 = t.same(back.recs, [...records(1, n - 1), replacement], `cut at ${cut}: the new append is recovered`) &&
@@ -204,8 +204,8 @@ t.test('a run of zeros after the last record is preallocated space: the end of t
 t.test('garbage without any valid frame after the last record is a torn tail', async t => {
   const n = 4
   const { dir, file, bytes } = writeLog(t, n)
-  const half = encodeFrame(record(n + 1)).subarray(0, 30)
-  const bad = encodeFrame(record(n + 1))
+  const half = encodeRecordFrame(record(n + 1)).subarray(0, 30)
+  const bad = encodeRecordFrame(record(n + 1))
   bad[bad.length - 5] ^= 0x01 // object-shaped frame with a bad checksum
   const noise = Buffer.alloc(700)
   let x = 99
@@ -222,7 +222,7 @@ t.test('garbage without any valid frame after the last record is a torn tail', a
 t.test('garbage followed by a valid frame at the end is corruption', async t => {
   const n = 4
   const { dir, file, bytes } = writeLog(t, n)
-  const tail = Buffer.concat([Buffer.from('junk junk junk'), encodeFrame(record(n + 1))])
+  const tail = Buffer.concat([Buffer.from('junk junk junk'), encodeRecordFrame(record(n + 1))])
   fs.writeFileSync(file, Buffer.concat([bytes, tail]))
   expectCorrupt(t, thrown(() => readLog(dir)), file, bytes.length, /length \d+ out of range|checksum/)
   t.equal(fs.statSync(file).size, bytes.length + tail.length, 'not truncated')
@@ -238,7 +238,7 @@ t.test('record indexes must increase by exactly one', async t => {
   for (const [name, rs, bad, why] of cases) {
     const dir = tempDir(t)
     const file = path.join(dir, segmentName(1))
-    const frames = rs.map(r => encodeFrame(r))
+    const frames = rs.map(r => encodeRecordFrame(r))
     fs.writeFileSync(file, Buffer.concat(frames))
     const offset = frames.slice(0, bad).reduce((s, f) => s + f.length, 0)
     t.test(name, async t => {
@@ -251,10 +251,10 @@ t.test('record indexes must increase by exactly one', async t => {
 t.test('a checksummed frame that is not a log record, followed by records, is corruption', async t => {
   const dir = tempDir(t)
   const file = path.join(dir, segmentName(1))
-  const a = encodeFrame(record(1))
+  const a = encodeRecordFrame(record(1))
   for (const [name, value] of [['no index', { op: 'noop', e: 0, ts: 1 }], ['index 0', { ...record(2), i: 0 }], ['string index', { ...record(2), i: '2' }], ['no op', { i: 2, e: 0, ts: 1 }], ['no ts', { i: 2, e: 0, op: 'noop' }]] as const) {
     t.test(name, async t => {
-      fs.writeFileSync(file, Buffer.concat([a, encodeFrame(value), encodeFrame(record(2))]))
+      fs.writeFileSync(file, Buffer.concat([a, encodeFrame(value), encodeRecordFrame(record(2))]))
       expectCorrupt(t, thrown(() => readLog(dir)), file, a.length, /not a log record/)
     })
   }
@@ -329,7 +329,7 @@ t.test('a log that ends before the snapshot index can be recovered, appended to,
   const { dir } = writeLog(t, 5)
   const { log } = openLog(dir)
   t.same(log.recover(10, () => t.fail('records 1..5 are covered')), { lastIndex: 10, truncatedBytes: 0 })
-  log.append(encodeFrame(record(11)), 11)
+  log.append(encodeRecordFrame(record(11)), 11)
   log.close()
   const again = thrown(() => readLog(dir, 10))
   t.equal(again, undefined, `the second recovery succeeds (got ${String(again)})`)
@@ -342,7 +342,7 @@ t.test('ENOSPC partway through a batch: cut back, still usable, nothing of it re
   t.equal(store.log.currentSegmentBytes, before)
 
   const failing = [record(6), record(7)]
-  const firstLen = encodeFrame(failing[0]).length
+  const firstLen = encodeRecordFrame(failing[0]).length
   let writes = 0
   const enospc = errnoError('ENOSPC', 'no space left on device')
   ff.hooks.writeSync = (fd, buf, offset, length, position) => {
@@ -531,7 +531,7 @@ t.test('preallocation: the open segment runs ahead of its records in zeros, whol
   const sizeBefore = fs.statSync(file).size
   again.log.append(batch([record(42)]).frames, 42)
   t.equal(fs.statSync(file).size, sizeBefore, 'written into the zeros')
-  t.equal(again.log.currentSegmentBytes, written + encodeFrame(record(42)).length)
+  t.equal(again.log.currentSegmentBytes, written + encodeRecordFrame(record(42)).length)
   again.log.close()
   t.equal(readLog(dir).lastIndex, 42)
 })
@@ -559,7 +559,7 @@ t.test('preallocation: a torn frame over the zeros is a torn tail; the log is pr
   log.close()
   // A crash mid-write: the start of frame 4 reached the disk, the rest of the page did not.
   const fd = fs.openSync(file, 'r+')
-  fs.writeSync(fd, encodeFrame(record(4)).subarray(0, 20), 0, 20, b.frames.length)
+  fs.writeSync(fd, encodeRecordFrame(record(4)).subarray(0, 20), 0, 20, b.frames.length)
   fs.closeSync(fd)
   const again = openPreallocated(dir)
   const res = again.log.recover(0, () => {})

@@ -4,7 +4,7 @@ import path from 'node:path'
 import { Store, type StoreOptions } from '../lib/storage/store.ts'
 import { segmentName } from '../lib/storage/log.ts'
 import { CorruptSnapshotError, writeSnapshot } from '../lib/storage/snapshot.ts'
-import { encodeFrame } from '../lib/storage/framing.ts'
+import { encodeRecordFrame } from '../lib/storage/framing.ts'
 import { realFiles } from '../lib/storage/files.ts'
 import { ChatState } from '../lib/state.ts'
 import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles, stateView } from './helpers/storage.ts'
@@ -93,7 +93,7 @@ t.test('a snapshot is also taken when enough bytes have been logged', async t =>
   let bytes = 0
   let expected = 0
   for (let i = 1; expected === 0; i++) {
-    bytes += encodeFrame(record(i)).length
+    bytes += encodeRecordFrame(record(i)).length
     if (bytes >= 1000) expected = i
   }
   drive(store, state, 1, expected - 1)
@@ -117,7 +117,7 @@ t.test('a store without log hooks: torn tail reported in the result, snapshots t
   t.same(fs.readdirSync(dir).sort(), [segmentName(5), snapName(4)])
   const seg = path.join(dir, segmentName(5))
   const size = fs.statSync(seg).size
-  fs.appendFileSync(seg, encodeFrame(record(7)).subarray(0, 20))
+  fs.appendFileSync(seg, encodeRecordFrame(record(7)).subarray(0, 20))
   const back = new Store({ dir })
   const r = back.recover()
   back.close()

@@ -19,7 +19,7 @@
 import type net from 'node:net'
 import { Committer } from '../committer.ts'
 import type { Store } from '../storage/store.ts'
-import { encodeFrame } from '../storage/framing.ts'
+import { encodeRecordFrame } from '../storage/framing.ts'
 import type { ChatState, Applied } from '../state.ts'
 import type { LogRecord, RecordBody } from '../records.ts'
 import { ChatError, errors } from '../errors.ts'
@@ -968,7 +968,7 @@ export class ChainNode {
     }
     for (const r of records) {
       this.receiving.records.push(r)
-      this.receiving.frames.push(encodeFrame(r))
+      this.receiving.frames.push(encodeRecordFrame(r))
     }
     this.verified = records[records.length - 1].i
   }

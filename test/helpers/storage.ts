@@ -6,7 +6,7 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 import { type FileOps, realFiles } from '../../lib/storage/files.ts'
-import { decodeFrame, encodeFrame } from '../../lib/storage/framing.ts'
+import { decodeFrame, encodeRecordFrame } from '../../lib/storage/framing.ts'
 import type { LogRecord } from '../../lib/records.ts'
 import type { ChatState } from '../../lib/state.ts'
 
@@ -48,7 +48,7 @@ export function records (from: number, to: number): LogRecord[] {
 
 // The batch the committer hands to Store.append / SegmentLog.append.
 export function batch (rs: LogRecord[]): { frames: Buffer, lastIndex: number } {
-  return { frames: Buffer.concat(rs.map(r => encodeFrame(r))), lastIndex: rs[rs.length - 1].i }
+  return { frames: Buffer.concat(rs.map(r => encodeRecordFrame(r))), lastIndex: rs[rs.length - 1].i }
 }
 
 // Start and end offsets of the valid frames at the beginning of buf, up to the first bad one.
