@@ -221,13 +221,16 @@ class MultisetDigest {
 
 const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: { code, message } })
 
-// Snapshot chunks: one `state` chunk, then one chunk per account (with its mailbox), then the
-// exactly-once table in chunks of ridsPerChunk. Small chunks keep every frame small.
-type SnapshotMessage = [number, string, string, string, number, 0 | 1] // id, from, to, text, ts, read
+// Snapshot chunks: one `state` chunk; per account, an `account` chunk, then its mailbox in
+// `messages` chunks of messagesPerChunk (the snapshot file writes those in binary, see
+// storage/framing.ts); then the exactly-once table in chunks of ridsPerChunk. Small chunks keep
+// every frame small. A reader also takes messages inside an `account` chunk, as snapshots
+// written before held the first of them there.
+export type SnapshotMessage = [number, string, string, string, number, 0 | 1] // id, from, to, text, ts, read
 export type SnapshotChunk =
   | { kind: 'state', version: 1, index: number, lastEpoch: number, lastTs: number }
   | { kind: 'account', name: string, salt: string, hash: string, created: number, messages: SnapshotMessage[] }
-  | { kind: 'messages', name: string, messages: SnapshotMessage[] } // more of the last account's mailbox
+  | { kind: 'messages', name: string, messages: SnapshotMessage[] } // the last account's mailbox, in order
   | { kind: 'rids', entries: Array<[string, number, Reply]> }
 const ridsPerChunk = 1000
 const messagesPerChunk = 1000
@@ -409,18 +412,16 @@ export class ChatState {
     yield { kind: 'state', version: 1, index: this.index, lastEpoch: this.lastEpoch, lastTs: this.lastTs }
     for (const key of this.sortedKeys) {
       const a = this.accounts.get(key)!
+      yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages: [] }
       let messages: SnapshotMessage[] = []
-      let first = true
       for (const [m, read] of a.mailbox.entries()) {
         messages.push([m.id, m.from, m.to, m.text, m.ts, read ? 1 : 0])
         if (messages.length === messagesPerChunk) {
-          yield first ? { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages } : { kind: 'messages', name: a.name, messages }
-          first = false
+          yield { kind: 'messages', name: a.name, messages }
           messages = []
         }
       }
-      if (first) yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages }
-      else if (messages.length > 0) yield { kind: 'messages', name: a.name, messages }
+      if (messages.length > 0) yield { kind: 'messages', name: a.name, messages }
     }
     let entries: Array<[string, number, Reply]> = []
     for (const e of this.ridEntries()) {
@@ -437,6 +438,9 @@ export class ChatState {
   static fromSnapshotChunks (chunks: Iterable<Record<string, unknown>>): ChatState {
     const st = new ChatState()
     let sawState = false
+    // One string per sender's name, shared by all their messages, as in a state built by apply.
+    const names = new Map<string, string>()
+    const name = (s: string): string => { names.set(s, s); return s }
     for (const raw of chunks) {
       const c = raw as SnapshotChunk
       switch (c.kind) {
@@ -457,7 +461,7 @@ export class ChatState {
           }
           assert.ok(a, `messages for unknown account ${c.name}`)
           for (const [id, from, to, text, ts, read] of c.messages) {
-            const m: Message = { id, from, to, text, ts }
+            const m: Message = { id, from: names.get(from) ?? name(from), to: to === a.name ? a.name : to, text, ts }
             a.mailbox.add(m, read === 1)
             st.digestAcc.addMessage(a.key, m, read === 1)
           }

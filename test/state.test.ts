@@ -143,6 +143,26 @@ t.test('snapshot chunks round-trip to the same state and digest', async t => {
   t.throws(() => ChatState.fromSnapshotChunks([{ kind: 'bogus' }]))
 })
 
+t.test('snapshot chunks: each mailbox in messages chunks; the older layout, messages inside the account chunk, loads the same', async t => {
+  const { st, apply } = withUsers('a', 'b')
+  for (let k = 0; k < 2500; k++) apply({ op: 'send', from: 'a', to: 'b', text: `m${k}` })
+  apply({ op: 'read', user: 'b', limit: 1200 })
+  const chunks = [...st.snapshotChunks()] as Array<Record<string, unknown>>
+  const kinds = chunks.map(c => c.kind === 'messages' ? `messages:${(c.messages as unknown[]).length}` : c.kind)
+  t.same(kinds, ['state', 'account', 'account', 'messages:1000', 'messages:1000', 'messages:500'])
+  t.same(chunks.filter(c => c.kind === 'account').map(c => c.messages), [[], []], 'account chunks carry no messages')
+  // The older layout: the first messagesPerChunk messages in the account chunk itself.
+  const older = chunks.flatMap((c, k) => {
+    if (c.kind === 'account' && chunks[k + 1]?.kind === 'messages') return [{ ...c, messages: chunks[k + 1].messages }]
+    if (c.kind === 'messages' && chunks[k - 1]?.kind === 'account') return []
+    return [c]
+  })
+  t.equal(older.length, chunks.length - 1)
+  const copy = ChatState.fromSnapshotChunks(older)
+  t.equal(copy.digest(), st.digest())
+  t.same(copy.account('b')!.mailbox.oldestUnread(5).map(m => m.text), ['m1200', 'm1201', 'm1202', 'm1203', 'm1204'])
+})
+
 t.test('apply refuses records out of order', async t => {
   const st = new ChatState()
   t.throws(() => st.apply({ op: 'noop', i: 2, e: 0, ts: 1 }))

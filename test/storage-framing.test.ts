@@ -1,9 +1,10 @@
 import t from 'tap'
 import zlib from 'node:zlib'
-import { encodeFrame, encodeRecordFrame, decodeFrame, validFrameAfter, frameHeaderBytes } from '../lib/storage/framing.ts'
+import { encodeFrame, encodeRecordFrame, encodeChunkFrame, decodeFrame, validFrameAfter, frameHeaderBytes } from '../lib/storage/framing.ts'
 import { limits } from '../lib/limits.ts'
 import { record } from './helpers/storage.ts'
 import type { LogRecord, SendRecord } from '../lib/records.ts'
+import type { SnapshotMessage } from '../lib/state.ts'
 
 // A frame with the given payload bytes and a correct checksum, built by hand.
 function rawFrame (payload: Buffer | string, len?: number): Buffer {
@@ -218,4 +219,53 @@ t.test('encodeRecordFrame refuses a send beyond recordBytesMax, or a name or key
   t.throws(() => encodeRecordFrame({ ...base, from: 'x'.repeat(0x10000) }), RangeError)
   t.throws(() => encodeRecordFrame({ ...base, rk: 'x'.repeat(0xffff) }), RangeError, 'rk length + 1 must fit in 16 bits')
   t.equal(decodeFrame(encodeRecordFrame({ ...base, rk: 'x'.repeat(0xfffe) }), 0).kind, 'ok', 'the longest rk')
+})
+
+// ---- binary messages chunks (snapshots) ---------------------------------------------------
+
+const mailbox: SnapshotMessage[] = [
+  [3, 'alice', 'Bob', 'hi', 1_700_000_000_000, 0],
+  [9, 'caf\u00e9', 'Bob', 'caf\u00e9 \u{1f600} \u0000 "q"\n', 2 ** 52, 1],
+  [Number.MAX_SAFE_INTEGER, '', 'Bob', '', 0, 1]
+]
+
+t.test('a messages chunk is binary and decodes to the same chunk', async t => {
+  for (const messages of [mailbox, [], mailbox.slice(0, 1)]) {
+    const chunk = { kind: 'messages', name: 'Bob', messages }
+    const f = encodeChunkFrame(chunk)
+    t.equal(f[frameHeaderBytes], 0x02, 'the binary tag')
+    t.same(decodeFrame(f, 0), { kind: 'ok', value: chunk, next: f.length })
+  }
+  const unicode = { kind: 'messages', name: 'z\u{1f600}', messages: [[1, 'a', 'z\u{1f600}', 'x', 2, 0]] }
+  t.same(decodeFrame(encodeChunkFrame(unicode), 0), { kind: 'ok', value: unicode, next: encodeChunkFrame(unicode).length })
+  t.ok(encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: mailbox }).length < encodeFrame({ kind: 'messages', name: 'Bob', messages: mailbox }).length, 'smaller than the JSON')
+})
+
+t.test('other chunks, and a messages chunk with a message to someone else, are JSON', async t => {
+  for (const chunk of [{ kind: 'state', index: 4 }, { kind: 'account', name: 'Bob', messages: mailbox }, { kind: 'messages', name: 'Carol', messages: mailbox }, { kind: 'messages', name: 7, messages: [] }]) {
+    t.same(encodeChunkFrame(chunk), encodeFrame(chunk), JSON.stringify(chunk).slice(0, 40))
+  }
+})
+
+t.test('a messages chunk that is not well formed is bad, even with a good checksum', async t => {
+  const payload = encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: mailbox }).subarray(frameHeaderBytes)
+  const with_ = (at: number, edit: (p: Buffer) => void): Buffer => { const p = Buffer.from(payload); edit(p); return p.subarray(0, at) }
+  const cases: Array<[string, Buffer]> = [
+    ['the tag alone', Buffer.from([0x02])],
+    ['a name cut short', payload.subarray(0, 5)],
+    ['no count', payload.subarray(0, 6)],
+    ['a message cut short', payload.subarray(0, payload.length - 1)],
+    ['a byte too many', Buffer.concat([payload, Buffer.from('x')])],
+    ['a count beyond the bytes', with_(payload.length, p => p.writeUInt32LE(1000, 6))],
+    ['a count of one more', with_(payload.length, p => p.writeUInt32LE(4, 6))],
+    ['a read mark of 2', with_(payload.length, p => { p[10 + 16] = 2 })],
+    ['a text length beyond everything', with_(payload.length, p => p.writeUInt32LE(0xffffffff, 10 + 19))]
+  ]
+  for (const [what, p] of cases) t.same(decodeFrame(rawFrame(p), 0), { kind: 'bad', why: 'malformed messages chunk' }, what)
+})
+
+t.test('encodeChunkFrame refuses a messages chunk beyond recordBytesMax', async t => {
+  const big: SnapshotMessage[] = [[1, 'a', 'Bob', 'x'.repeat(limits.recordBytesMax), 1, 0]]
+  t.throws(() => encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: big }), RangeError)
+  t.throws(() => encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: [[1, 'a'.repeat(0x10000), 'Bob', '', 1, 0]] }), RangeError)
 })

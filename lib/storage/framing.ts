@@ -2,11 +2,12 @@
 //
 //   offset 0: u32 little-endian  payload length in bytes (1 .. recordBytesMax)
 //   offset 4: u32 little-endian  CRC-32 (zlib polynomial) of the payload
-//   offset 8: payload            a UTF-8 JSON object (first byte '{'), or a binary send record
-//                                (first byte 0x01, below)
+//   offset 8: payload            a UTF-8 JSON object (first byte '{'), a binary send record
+//                                (first byte 0x01) or binary messages chunk (0x02), below
 //
 // A frame is valid only if its length is in range, it lies wholly inside the file, its CRC
-// matches, and its payload parses as a JSON object or is a well-formed binary send record.
+// matches, and its payload parses as a JSON object or is well-formed binary (a send record or a
+// snapshot's messages chunk).
 //
 // Sends are most of any log, and parsing them as JSON was the largest single cost of replaying
 // one, so the log writes them in binary (encodeRecordFrame): decoding one is a few reads at fixed
@@ -22,28 +23,50 @@
 //   offset 31: u32  bytes of text
 //   offset 35: from, to, rk, text, back to back, filling the rest of the payload exactly
 //
-// Every other record, and every snapshot chunk, is JSON. A log may mix both kinds (a log written
-// before sends were binary reads as it always did).
+// Every other record is JSON. A log may mix both kinds (a log written before sends were binary
+// reads as it always did).
+//
+// Snapshots are mostly messages, so a snapshot's `messages` chunks (a run of one mailbox's
+// messages, see state.ts) are binary too (encodeChunkFrame); the other chunks are JSON:
+//
+//   offset 0: u8   0x02
+//   offset 1: u16  bytes of the mailbox owner's name, then the name (the `to` of every message)
+//   then:     u32  number of messages, then each message:
+//               f64 id, f64 ts, u8 read (0 or 1), u16 bytes of from, u32 bytes of text,
+//               then from and text
+//   the last message ends where the payload ends.
 
 import zlib from 'node:zlib'
 import { limits } from '../limits.ts'
 import type { LogRecord, SendRecord } from '../records.ts'
+import type { SnapshotMessage } from '../state.ts'
 
 export const frameHeaderBytes = 8
 
-export function encodeFrame (value: object): Buffer {
-  const json = JSON.stringify(value)
-  const len = Buffer.byteLength(json, 'utf8')
+// A frame for a payload of `len` bytes, to be filled in from frameHeaderBytes on, then sealed.
+function allocFrame (len: number): Buffer {
   if (len > limits.recordBytesMax) throw new RangeError(`record of ${len} bytes exceeds ${limits.recordBytesMax}`)
-  const frame = Buffer.allocUnsafe(frameHeaderBytes + len)
-  frame.write(json, frameHeaderBytes, 'utf8')
-  frame.writeUInt32LE(len, 0)
+  return Buffer.allocUnsafe(frameHeaderBytes + len)
+}
+
+// Write the header of a filled-in frame: the payload's length and checksum.
+function seal (frame: Buffer): Buffer {
+  frame.writeUInt32LE(frame.length - frameHeaderBytes, 0)
   frame.writeUInt32LE(zlib.crc32(frame.subarray(frameHeaderBytes)), 4)
   return frame
 }
 
+export function encodeFrame (value: object): Buffer {
+  const json = JSON.stringify(value)
+  const frame = allocFrame(Buffer.byteLength(json, 'utf8'))
+  frame.write(json, frameHeaderBytes, 'utf8')
+  return seal(frame)
+}
+
 const sendTag = 0x01
 const sendHeadBytes = 35
+const messagesTag = 0x02
+const messageHeadBytes = 23
 
 // A log record's frame: binary for a send, JSON for the rest.
 export function encodeRecordFrame (r: LogRecord): Buffer {
@@ -53,9 +76,7 @@ export function encodeRecordFrame (r: LogRecord): Buffer {
   const rkLen = r.rk === undefined ? -1 : Buffer.byteLength(r.rk, 'utf8')
   const textLen = Buffer.byteLength(r.text, 'utf8')
   if (fromLen > 0xffff || toLen > 0xffff || rkLen >= 0xffff) throw new RangeError('a send record\'s names and key must be under 64 KiB each')
-  const len = sendHeadBytes + fromLen + toLen + Math.max(rkLen, 0) + textLen
-  if (len > limits.recordBytesMax) throw new RangeError(`record of ${len} bytes exceeds ${limits.recordBytesMax}`)
-  const frame = Buffer.allocUnsafe(frameHeaderBytes + len)
+  const frame = allocFrame(sendHeadBytes + fromLen + toLen + Math.max(rkLen, 0) + textLen)
   const at = frameHeaderBytes
   frame[at] = sendTag
   frame.writeDoubleLE(r.i, at + 1)
@@ -70,9 +91,7 @@ export function encodeRecordFrame (r: LogRecord): Buffer {
   p += frame.write(r.to, p, 'utf8')
   if (r.rk !== undefined) p += frame.write(r.rk, p, 'utf8')
   frame.write(r.text, p, 'utf8')
-  frame.writeUInt32LE(len, 0)
-  frame.writeUInt32LE(zlib.crc32(frame.subarray(frameHeaderBytes)), 4)
-  return frame
+  return seal(frame)
 }
 
 // What buf.toString('utf8', start, end) calls once it has checked its arguments and looked up
@@ -98,6 +117,69 @@ function decodeSend (buf: Buffer, start: number, end: number): SendRecord | null
   return rk === undefined ? { op: 'send', from, to, text, i, e, ts } : { op: 'send', from, to, text, rk, i, e, ts }
 }
 
+// A snapshot chunk's frame: binary for a `messages` chunk, JSON for the rest. A chunk whose
+// messages are not all to its mailbox's owner (never the case in a real state) stays JSON.
+export function encodeChunkFrame (chunk: object): Buffer {
+  const c = chunk as { kind?: unknown, name?: unknown, messages?: SnapshotMessage[] }
+  if (c.kind !== 'messages' || typeof c.name !== 'string' || !Array.isArray(c.messages)) return encodeFrame(chunk)
+  const name = c.name
+  const nameLen = Buffer.byteLength(name, 'utf8')
+  let len = 1 + 2 + nameLen + 4
+  for (const m of c.messages) {
+    if (m[2] !== name) return encodeFrame(chunk)
+    const fromLen = Buffer.byteLength(m[1], 'utf8')
+    if (fromLen > 0xffff) throw new RangeError('a sender\'s name must be under 64 KiB')
+    len += messageHeadBytes + fromLen + Buffer.byteLength(m[3], 'utf8')
+  }
+  if (nameLen > 0xffff) throw new RangeError('a name must be under 64 KiB')
+  const frame = allocFrame(len)
+  let p = frameHeaderBytes
+  frame[p] = messagesTag
+  frame.writeUInt16LE(nameLen, p + 1)
+  p += 3
+  p += frame.write(name, p, 'utf8')
+  frame.writeUInt32LE(c.messages.length, p)
+  p += 4
+  for (const [id, from, , text, ts, read] of c.messages) {
+    frame.writeDoubleLE(id, p)
+    frame.writeDoubleLE(ts, p + 8)
+    frame[p + 16] = read
+    const fromLen = frame.write(from, p + messageHeadBytes, 'utf8')
+    frame.writeUInt16LE(fromLen, p + 17)
+    const textLen = frame.write(text, p + messageHeadBytes + fromLen, 'utf8')
+    frame.writeUInt32LE(textLen, p + 19)
+    p += messageHeadBytes + fromLen + textLen
+  }
+  return seal(frame)
+}
+
+// The messages chunk in buf[start, end), or null if it is not well formed.
+function decodeMessages (buf: Buffer, start: number, end: number): Record<string, unknown> | null {
+  let p = start + 3
+  if (p + 4 > end) return null
+  const nameLen = buf.readUInt16LE(start + 1)
+  if (p + nameLen + 4 > end) return null
+  const name = utf8Slice.call(buf, p, p += nameLen)
+  const count = buf.readUInt32LE(p)
+  p += 4
+  if (count * messageHeadBytes > end - p) return null
+  const messages = new Array<SnapshotMessage>(count)
+  for (let k = 0; k < count; k++) {
+    if (p + messageHeadBytes > end) return null
+    const id = buf.readDoubleLE(p)
+    const ts = buf.readDoubleLE(p + 8)
+    const read = buf[p + 16]
+    const fromLen = buf.readUInt16LE(p + 17)
+    const textLen = buf.readUInt32LE(p + 19)
+    p += messageHeadBytes
+    if (read > 1 || p + fromLen + textLen > end) return null
+    const from = utf8Slice.call(buf, p, p += fromLen)
+    const text = utf8Slice.call(buf, p, p += textLen)
+    messages[k] = [id, from, name, text, ts, read as 0 | 1]
+  }
+  return p === end ? { kind: 'messages', name, messages } : null
+}
+
 export type FrameResult =
   | { kind: 'ok', value: Record<string, unknown>, next: number }
   | { kind: 'short' } // the frame runs past the end of the buffer: a torn write if it is the tail
@@ -116,6 +198,10 @@ export function decodeFrame (buf: Buffer, offset: number): FrameResult {
     const r = decodeSend(buf, start, end)
     return r === null ? { kind: 'bad', why: 'malformed send record' } : { kind: 'ok', value: r as unknown as Record<string, unknown>, next: end }
   }
+  if (buf[start] === messagesTag) {
+    const c = decodeMessages(buf, start, end)
+    return c === null ? { kind: 'bad', why: 'malformed messages chunk' } : { kind: 'ok', value: c, next: end }
+  }
   let value: unknown
   try {
     value = JSON.parse(buf.toString('utf8', start, end))
@@ -132,9 +218,9 @@ export function validFrameAfter (buf: Buffer, offset: number): boolean {
   for (let at = offset + 1; at + frameHeaderBytes < buf.length; at++) {
     const len = buf.readUInt32LE(at)
     if (len < 2 || len > limits.recordBytesMax || at + frameHeaderBytes + len > buf.length) continue
-    // Cheap filter before the checksum: payloads are JSON objects or binary send records.
+    // Cheap filter before the checksum: payloads are JSON objects or binary.
     const first = buf[at + frameHeaderBytes]
-    if (first === 0x7b ? buf[at + frameHeaderBytes + len - 1] !== 0x7d : first !== sendTag) continue
+    if (first === 0x7b ? buf[at + frameHeaderBytes + len - 1] !== 0x7d : first !== sendTag && first !== messagesTag) continue
     if (decodeFrame(buf, at).kind === 'ok') return true
   }
   return false

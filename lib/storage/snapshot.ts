@@ -8,7 +8,7 @@
 // Chunking keeps every frame small however large the state grows.
 
 import path from 'node:path'
-import { encodeFrame, decodeFrame } from './framing.ts'
+import { encodeChunkFrame, decodeFrame } from './framing.ts'
 import { type FileOps, writeAll, fsyncDir } from './files.ts'
 import { crashPoint } from '../fault-hooks.ts'
 
@@ -43,7 +43,7 @@ function* frameSlices (index: number, chunks: Iterable<object>, sliceBytes: numb
     return slice
   }
   const add = (chunk: object): boolean => {
-    const frame = encodeFrame(chunk)
+    const frame = encodeChunkFrame(chunk)
     pending.push(frame)
     bytes += frame.length
     return ++n === 2 || bytes >= sliceBytes
