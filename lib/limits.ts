@@ -26,6 +26,9 @@ export const limits = {
 
   // storage
   recordBytesMax: 1024 * 1024,
+  // a snapshot cuts its chunks to about recordBytesMax each; one exactly-once entry cannot be
+  // cut, and a read's stored reply may hold a thousand messages: a snapshot frame may be this big
+  snapshotFrameBytesMax: 64 * 1024 * 1024,
   snapshotEveryRecords: 100_000,
   snapshotEveryBytes: 64 * 1024 * 1024,
   // the server extends its open log segment with zeros this much at a time (see storage/log.ts)

@@ -232,6 +232,21 @@ export type SnapshotChunk =
   | { kind: 'account', name: string, salt: string, hash: string, created: number, messages: SnapshotMessage[] }
   | { kind: 'messages', name: string, messages: SnapshotMessage[] } // the last account's mailbox, in order
   | { kind: 'rids', entries: Array<[string, number, Reply]> }
+// A messages or rids chunk cut in two, in order, for a chunk too big to send or store whole
+// (texts of up to textBytesMax make 1,000 messages several megabytes); null if it holds fewer
+// than two entries.
+export function splitChunk (c: SnapshotChunk): [SnapshotChunk, SnapshotChunk] | null {
+  if (c.kind === 'messages' && c.messages.length >= 2) {
+    const half = c.messages.length >> 1
+    return [{ ...c, messages: c.messages.slice(0, half) }, { ...c, messages: c.messages.slice(half) }]
+  }
+  if (c.kind === 'rids' && c.entries.length >= 2) {
+    const half = c.entries.length >> 1
+    return [{ kind: 'rids', entries: c.entries.slice(0, half) }, { kind: 'rids', entries: c.entries.slice(half) }]
+  }
+  return null
+}
+
 const ridsPerChunk = 1000
 const messagesPerChunk = 1000
 

@@ -264,8 +264,10 @@ t.test('a messages chunk that is not well formed is bad, even with a good checks
   for (const [what, p] of cases) t.same(decodeFrame(rawFrame(p), 0), { kind: 'bad', why: 'malformed messages chunk' }, what)
 })
 
-t.test('encodeChunkFrame refuses a messages chunk beyond recordBytesMax', async t => {
+t.test('encodeChunkFrame refuses a chunk beyond the bound it is given (snapshotFrameBytesMax by default)', async t => {
   const big: SnapshotMessage[] = [[1, 'a', 'Bob', 'x'.repeat(limits.recordBytesMax), 1, 0]]
-  t.throws(() => encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: big }), RangeError)
+  t.equal(decodeFrame(encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: big }), 0, limits.snapshotFrameBytesMax).kind, 'ok', 'over recordBytesMax is fine in a snapshot')
+  t.throws(() => encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: big }, limits.recordBytesMax), RangeError)
+  t.throws(() => encodeChunkFrame({ kind: 'state', pad: 'x'.repeat(limits.recordBytesMax) }, limits.recordBytesMax), RangeError, 'JSON chunks too')
   t.throws(() => encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: [[1, 'a'.repeat(0x10000), 'Bob', '', 1, 0]] }), RangeError)
 })

@@ -3,7 +3,10 @@ import fs from 'node:fs'
 import path from 'node:path'
 import { writeSnapshot, loadNewestSnapshot, removeOldSnapshots, CorruptSnapshotError } from '../lib/storage/snapshot.ts'
 import { realFiles } from '../lib/storage/files.ts'
-import { decodeFrame, encodeFrame } from '../lib/storage/framing.ts'
+import { decodeFrame, encodeFrame, frameHeaderBytes } from '../lib/storage/framing.ts'
+import { ChatState } from '../lib/state.ts'
+import { limits } from '../lib/limits.ts'
+import type { LogRecord, RecordBody } from '../lib/records.ts'
 import { tempDir, frameSpans, flipByte, errnoError, thrown, faultyFiles } from './helpers/storage.ts'
 
 const snapName = (index: number): string => `snapshot-${String(index).padStart(20, '0')}.snap`
@@ -189,7 +192,7 @@ t.test('a failed snapshot write leaves no file behind and the previous snapshot 
     })
   }
   t.test('a chunk too large for a frame', async t => {
-    t.throws(() => writeSnapshot(realFiles, dir, 8, [{ kind: 'x', pad: 'x'.repeat(2 * 1024 * 1024) }]), RangeError)
+    t.throws(() => writeSnapshot(realFiles, dir, 8, [{ kind: 'x', pad: 'x'.repeat(limits.snapshotFrameBytesMax) }]), RangeError)
     t.same(fs.readdirSync(dir), [snapName(3)])
   })
 })
@@ -214,4 +217,37 @@ t.test('a stale temporary file of the same index is overwritten, not appended to
   const file = writeSnapshot(realFiles, dir, 4, [{ kind: 'x' }])
   t.equal(fs.statSync(file).size, [{ kind: 'head', index: 4 }, { kind: 'x' }, { kind: 'end', index: 4 }].reduce((s, v) => s + encodeFrame(v).length, 0))
   t.same(fs.readdirSync(dir), [snapName(4)])
+})
+
+// Texts of up to textBytesMax make a chunk of 1,000 messages or exactly-once entries several
+// megabytes, and a read's stored reply may hold a thousand such messages. A snapshot cuts such
+// chunks in two until every frame is within recordBytesMax; only the one entry that cannot be
+// cut makes a bigger frame. (Before, the snapshot was refused for good, and the log grew.)
+t.test('a state with big texts: chunks are cut to recordBytesMax, the state comes back whole', async t => {
+  const st = new ChatState()
+  let i = 0
+  const apply = (body: RecordBody): void => { st.apply({ ...body, i: ++i, e: 0, ts: i } as LogRecord) }
+  apply({ op: 'register', user: 'a', salt: 's', hash: 'h' })
+  apply({ op: 'register', user: 'b', salt: 's', hash: 'h' })
+  const big = 'x'.repeat(limits.textBytesMax - 10)
+  for (let k = 0; k < 700; k++) apply({ op: 'send', from: 'a', to: 'b', text: `${k} ${big}`, rk: `a\u0000s${k}` })
+  apply({ op: 'read', user: 'b', limit: 400, rk: 'b\u0000read' }) // a stored reply of about 1.6 MB
+  const dir = tempDir(t, 'snap')
+  const file = writeSnapshot(realFiles, dir, st.index, st.snapshotChunks())
+  const buf = fs.readFileSync(file)
+  const sizes: number[] = []
+  for (let off = 0; off < buf.length;) {
+    const f = decodeFrame(buf, off, limits.snapshotFrameBytesMax)
+    if (f.kind !== 'ok') throw new Error(`bad frame at ${off}`)
+    sizes.push(f.next - off - frameHeaderBytes)
+    off = f.next
+  }
+  const over = sizes.filter(n => n > limits.recordBytesMax)
+  t.equal(over.length, 1, `one frame over recordBytesMax (${over.join(', ')} bytes): the read's reply`)
+  t.ok(sizes.length > 8, `${sizes.length} frames`)
+  const back = ChatState.fromSnapshotChunks(loadNewestSnapshot(realFiles, dir)!.chunks)
+  t.equal(back.digest(), st.digest())
+  t.equal(back.account('b')!.mailbox.size, 700)
+  t.equal(back.account('b')!.mailbox.unreadCount, 300)
+  t.same(back.ridReply('b\u0000read'), st.ridReply('b\u0000read'))
 })

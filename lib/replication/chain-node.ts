@@ -20,12 +20,12 @@ import type net from 'node:net'
 import { Committer } from '../committer.ts'
 import type { Store } from '../storage/store.ts'
 import { encodeRecordFrame } from '../storage/framing.ts'
-import type { ChatState, Applied } from '../state.ts'
+import { splitChunk, type ChatState, type Applied, type SnapshotChunk } from '../state.ts'
 import type { LogRecord, RecordBody } from '../records.ts'
 import { ChatError, errors } from '../errors.ts'
 import type { LogFn } from '../logger.ts'
 import { MetaStore, sameConfig, type ChainConfig, type Meta } from './meta.ts'
-import { PeerSocket, connectPeer, acceptPeer, type PeerMessage } from './peer.ts'
+import { PeerSocket, connectPeer, acceptPeer, peerLineBytesMax, type PeerMessage } from './peer.ts'
 import { crashPoint } from '../fault-hooks.ts'
 
 export type Role = 'primary' | 'backup' | 'joining' | 'waiting' | 'retired'
@@ -211,9 +211,10 @@ class SuccessorLink {
     const st = this.node.state
     this.node.opts.log('info', 'sending a snapshot to catch a peer up', { peer: this.target, index: st.index })
     this.bulk = true
-    const chunks = [...st.snapshotChunks()]
-    for (let k = 0; k < chunks.length; k += 50) {
-      this.peer.send({ t: 'snapshot', epoch: this.node.epoch, chunks: chunks.slice(k, k + 50), done: k + 50 >= chunks.length })
+    // Each chunk is encoded once, to size the batches and to send them.
+    const batches = [...snapshotBatches(st.snapshotChunks())]
+    for (let k = 0; k < batches.length; k++) {
+      this.peer.send(`{"t":"snapshot","epoch":${this.node.epoch},"chunks":[${batches[k].join(',')}],"done":${k === batches.length - 1}}\n`)
       await this.peer.drained()
     }
     this.next = st.index + 1
@@ -1105,4 +1106,32 @@ export class ChainNode {
       await sleep(this.opts.failureTimeoutMs)
     }
   }
+}
+
+// A state's snapshot chunks, as JSON, in batches for the peer link: at most 50 chunks and about
+// peerLineBytesMax / 8 a batch, chunks that are bigger on their own cut in two (see splitChunk).
+// A chunk that cannot be cut is one exactly-once entry, which fits in a line.
+export function * snapshotBatches (chunks: Iterable<SnapshotChunk>, batchBytes = peerLineBytesMax / 8): Generator<string[]> {
+  let batch: string[] = []
+  let bytes = 0
+  const encoded = function * (c: SnapshotChunk): Generator<string> {
+    const json = JSON.stringify(c)
+    const halves = json.length > batchBytes ? splitChunk(c) : null
+    if (halves) {
+      yield * encoded(halves[0])
+      yield * encoded(halves[1])
+    } else yield json
+  }
+  for (const chunk of chunks) {
+    for (const json of encoded(chunk)) {
+      if (batch.length > 0 && (batch.length >= 50 || bytes + json.length > batchBytes)) {
+        yield batch
+        batch = []
+        bytes = 0
+      }
+      batch.push(json)
+      bytes += json.length
+    }
+  }
+  yield batch
 }

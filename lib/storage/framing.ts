@@ -1,6 +1,7 @@
 // Record framing, shared by log segments and snapshots.
 //
-//   offset 0: u32 little-endian  payload length in bytes (1 .. recordBytesMax)
+//   offset 0: u32 little-endian  payload length in bytes (1 .. recordBytesMax in a log,
+//                                snapshotFrameBytesMax in a snapshot)
 //   offset 4: u32 little-endian  CRC-32 (zlib polynomial) of the payload
 //   offset 8: payload            a UTF-8 JSON object (first byte '{'), a binary send record
 //                                (first byte 0x01) or binary messages chunk (0x02), below
@@ -44,8 +45,8 @@ import type { SnapshotMessage } from '../state.ts'
 export const frameHeaderBytes = 8
 
 // A frame for a payload of `len` bytes, to be filled in from frameHeaderBytes on, then sealed.
-function allocFrame (len: number): Buffer {
-  if (len > limits.recordBytesMax) throw new RangeError(`record of ${len} bytes exceeds ${limits.recordBytesMax}`)
+function allocFrame (len: number, max: number): Buffer {
+  if (len > max) throw new RangeError(`record of ${len} bytes exceeds ${max}`)
   return Buffer.allocUnsafe(frameHeaderBytes + len)
 }
 
@@ -56,9 +57,9 @@ function seal (frame: Buffer): Buffer {
   return frame
 }
 
-export function encodeFrame (value: object): Buffer {
+export function encodeFrame (value: object, max: number = limits.recordBytesMax): Buffer {
   const json = JSON.stringify(value)
-  const frame = allocFrame(Buffer.byteLength(json, 'utf8'))
+  const frame = allocFrame(Buffer.byteLength(json, 'utf8'), max)
   frame.write(json, frameHeaderBytes, 'utf8')
   return seal(frame)
 }
@@ -76,7 +77,7 @@ export function encodeRecordFrame (r: LogRecord): Buffer {
   const rkLen = r.rk === undefined ? -1 : Buffer.byteLength(r.rk, 'utf8')
   const textLen = Buffer.byteLength(r.text, 'utf8')
   if (fromLen > 0xffff || toLen > 0xffff || rkLen >= 0xffff) throw new RangeError('a send record\'s names and key must be under 64 KiB each')
-  const frame = allocFrame(sendHeadBytes + fromLen + toLen + Math.max(rkLen, 0) + textLen)
+  const frame = allocFrame(sendHeadBytes + fromLen + toLen + Math.max(rkLen, 0) + textLen, limits.recordBytesMax)
   const at = frameHeaderBytes
   frame[at] = sendTag
   frame.writeDoubleLE(r.i, at + 1)
@@ -119,20 +120,20 @@ function decodeSend (buf: Buffer, start: number, end: number): SendRecord | null
 
 // A snapshot chunk's frame: binary for a `messages` chunk, JSON for the rest. A chunk whose
 // messages are not all to its mailbox's owner (never the case in a real state) stays JSON.
-export function encodeChunkFrame (chunk: object): Buffer {
+export function encodeChunkFrame (chunk: object, max: number = limits.snapshotFrameBytesMax): Buffer {
   const c = chunk as { kind?: unknown, name?: unknown, messages?: SnapshotMessage[] }
-  if (c.kind !== 'messages' || typeof c.name !== 'string' || !Array.isArray(c.messages)) return encodeFrame(chunk)
+  if (c.kind !== 'messages' || typeof c.name !== 'string' || !Array.isArray(c.messages)) return encodeFrame(chunk, max)
   const name = c.name
   const nameLen = Buffer.byteLength(name, 'utf8')
   let len = 1 + 2 + nameLen + 4
   for (const m of c.messages) {
-    if (m[2] !== name) return encodeFrame(chunk)
+    if (m[2] !== name) return encodeFrame(chunk, max)
     const fromLen = Buffer.byteLength(m[1], 'utf8')
     if (fromLen > 0xffff) throw new RangeError('a sender\'s name must be under 64 KiB')
     len += messageHeadBytes + fromLen + Buffer.byteLength(m[3], 'utf8')
   }
   if (nameLen > 0xffff) throw new RangeError('a name must be under 64 KiB')
-  const frame = allocFrame(len)
+  const frame = allocFrame(len, max)
   let p = frameHeaderBytes
   frame[p] = messagesTag
   frame.writeUInt16LE(nameLen, p + 1)
@@ -186,10 +187,10 @@ export type FrameResult =
   | { kind: 'bad', why: string } // length out of range, CRC mismatch or not a JSON object
 
 // Decode the frame at `offset`. Never throws on bad input.
-export function decodeFrame (buf: Buffer, offset: number): FrameResult {
+export function decodeFrame (buf: Buffer, offset: number, max: number = limits.recordBytesMax): FrameResult {
   if (buf.length - offset < frameHeaderBytes) return { kind: 'short' }
   const len = buf.readUInt32LE(offset)
-  if (len === 0 || len > limits.recordBytesMax) return { kind: 'bad', why: `length ${len} out of range` }
+  if (len === 0 || len > max) return { kind: 'bad', why: `length ${len} out of range` }
   const end = offset + frameHeaderBytes + len
   if (end > buf.length) return { kind: 'short' }
   const start = offset + frameHeaderBytes

@@ -8,9 +8,11 @@
 // Chunking keeps every frame small however large the state grows.
 
 import path from 'node:path'
-import { encodeChunkFrame, decodeFrame } from './framing.ts'
+import { encodeChunkFrame, decodeFrame, frameHeaderBytes } from './framing.ts'
 import { type FileOps, writeAll, fsyncDir } from './files.ts'
 import { crashPoint } from '../fault-hooks.ts'
+import { limits } from '../limits.ts'
+import { splitChunk, type SnapshotChunk } from '../state.ts'
 
 const snapshotPattern = /^snapshot-(\d{20})\.snap$/
 const snapshotName = (index: number): string => `snapshot-${String(index).padStart(20, '0')}.snap`
@@ -43,15 +45,36 @@ function* frameSlices (index: number, chunks: Iterable<object>, sliceBytes: numb
     return slice
   }
   const add = (chunk: object): boolean => {
-    const frame = encodeChunkFrame(chunk)
-    pending.push(frame)
-    bytes += frame.length
+    for (const frame of chunkFrames(chunk)) {
+      pending.push(frame)
+      bytes += frame.length
+    }
     return ++n === 2 || bytes >= sliceBytes
   }
   if (add({ kind: 'head', index })) yield take()
   for (const chunk of chunks) if (add(chunk)) yield take()
   add({ kind: 'end', index })
   yield take()
+}
+
+// A chunk's frames: one, unless it comes to more than recordBytesMax and can be cut in two, then
+// each half's, so that frames stay small. Only a chunk that cannot be cut (one exactly-once entry
+// with a large stored reply) makes a bigger frame, up to snapshotFrameBytesMax.
+function chunkFrames (chunk: object): Buffer[] {
+  let frame: Buffer | null = null
+  let tooBig: unknown = null
+  try {
+    frame = encodeChunkFrame(chunk)
+  } catch (e) {
+    if (!(e instanceof RangeError)) throw e
+    tooBig = e
+  }
+  if (frame === null || frame.length - frameHeaderBytes > limits.recordBytesMax) {
+    const halves = splitChunk(chunk as SnapshotChunk)
+    if (halves) return [...chunkFrames(halves[0]), ...chunkFrames(halves[1])]
+  }
+  if (frame === null) throw tooBig
+  return [frame]
 }
 
 // Write one slice; after the first, a crash point.
@@ -175,7 +198,7 @@ function * readChunks (buf: Buffer, file: string, index: number): Generator<Reco
   let off = 0
   let ended = false
   while (off < buf.length) {
-    const f = decodeFrame(buf, off)
+    const f = decodeFrame(buf, off, limits.snapshotFrameBytesMax)
     if (f.kind !== 'ok') throw new CorruptSnapshotError(file, off, f.kind === 'bad' ? f.why : 'frame cut short')
     const c = f.value
     const isHead = c.kind === 'head'
