@@ -44,7 +44,10 @@ export class Chain {
     const members: Member[] = []
     const base = tmpDir(t, 'chain')
     for (let k = 0; k < n; k++) {
-      const [port] = await freePorts(1, hosts[k])
+      // Each call frees its port again before the next: the same one can come back.
+      let port: number
+      do [port] = await freePorts(1, hosts[k])
+      while (members.some(m => m.host === hosts[k] && m.port === port))
       members.push({ addr: `${hosts[k]}:${port}`, host: hosts[k], port, data: path.join(base, `m${k}`), proc: null })
     }
     // The initial order is by port: make member 0 the lowest so tests can name positions.
