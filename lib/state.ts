@@ -48,10 +48,13 @@ export interface Applied {
 // compacted now and then. Finding a message or its read mark is a binary search. Message objects
 // are never changed once made, so replies, pushes and the exactly-once table share them.
 export class Mailbox {
-  private readonly ids: number[] = []
-  private readonly messages: Message[] = [] // parallel to ids
-  private readonly unread: number[] = []
   private unreadHead = 0
+
+  constructor (
+    private readonly ids: number[] = [],
+    private readonly messages: Message[] = [], // parallel to ids
+    private readonly unread: number[] = []
+  ) {}
 
   get size (): number { return this.ids.length }
   get unreadCount (): number { return this.unread.length - this.unreadHead }
@@ -109,6 +112,12 @@ export class Mailbox {
     const out: Message[] = []
     while (end > 0 && out.length < limit) out.push(this.messages[--end])
     return out
+  }
+
+  // A copy that later changes to this mailbox do not affect: the arrays are copied, the message
+  // objects (never changed) are shared.
+  clone (): Mailbox {
+    return new Mailbox(this.ids.slice(), this.messages.slice(), this.unread.slice(this.unreadHead))
   }
 
   // Every message in id order, with its read mark.
@@ -423,30 +432,27 @@ export class ChatState {
     return { users, total }
   }
 
-  *snapshotChunks (): Generator<SnapshotChunk> {
-    yield { kind: 'state', version: 1, index: this.index, lastEpoch: this.lastEpoch, lastTs: this.lastTs }
-    for (const key of this.sortedKeys) {
+  // The state's snapshot chunks, from a copy of the state taken now: they may be asked for a slice
+  // at a time while the state goes on changing. The copy makes no object per message (messages
+  // are never changed, so it shares them): it copies the arrays that list them, and the
+  // exactly-once table's lanes, which takes milliseconds for a million messages.
+  snapshotChunks (): Generator<SnapshotChunk> {
+    const head: SnapshotChunk = { kind: 'state', version: 1, index: this.index, lastEpoch: this.lastEpoch, lastTs: this.lastTs }
+    const accounts = this.sortedKeys.map(key => {
       const a = this.accounts.get(key)!
-      yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages: [] }
-      let messages: SnapshotMessage[] = []
-      for (const [m, read] of a.mailbox.entries()) {
-        messages.push([m.id, m.from, m.to, m.text, m.ts, read ? 1 : 0])
-        if (messages.length === messagesPerChunk) {
-          yield { kind: 'messages', name: a.name, messages }
-          messages = []
-        }
-      }
-      if (messages.length > 0) yield { kind: 'messages', name: a.name, messages }
+      return { ...a, mailbox: a.mailbox.clone() }
+    })
+    const n = this.ridTs.length
+    const keys = new Array<string>(n)
+    const ts = new Array<number>(n)
+    const replies = new Array<Reply>(n)
+    for (let k = 0; k < n; k++) {
+      const slot = (this.ridStart + k) % n
+      keys[k] = this.ridSlots.keyAt(slot)
+      ts[k] = this.ridTs[slot]
+      replies[k] = this.ridReplies[slot]
     }
-    let entries: Array<[string, number, Reply]> = []
-    for (const e of this.ridEntries()) {
-      entries.push(e)
-      if (entries.length === ridsPerChunk) {
-        yield { kind: 'rids', entries }
-        entries = []
-      }
-    }
-    if (entries.length > 0) yield { kind: 'rids', entries }
+    return chunksOf(head, accounts, keys, ts, replies)
   }
 
   // Rebuild the state from snapshot chunks, in the order snapshotChunks() produced them.
@@ -491,5 +497,28 @@ export class ChatState {
     }
     assert.ok(sawState, 'snapshot has no state chunk')
     return st
+  }
+}
+
+// Snapshot chunks from a copy of the state (see ChatState.snapshotChunks), made as they are asked
+// for; the exactly-once table comes oldest first, in three lanes.
+function * chunksOf (head: SnapshotChunk, accounts: Account[], keys: string[], ts: number[], replies: Reply[]): Generator<SnapshotChunk> {
+  yield head
+  for (const a of accounts) {
+    yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages: [] }
+    let messages: SnapshotMessage[] = []
+    for (const [m, read] of a.mailbox.entries()) {
+      messages.push([m.id, m.from, m.to, m.text, m.ts, read ? 1 : 0])
+      if (messages.length === messagesPerChunk) {
+        yield { kind: 'messages', name: a.name, messages }
+        messages = []
+      }
+    }
+    if (messages.length > 0) yield { kind: 'messages', name: a.name, messages }
+  }
+  for (let k = 0; k < keys.length; k += ridsPerChunk) {
+    const entries: Array<[string, number, Reply]> = []
+    for (let j = k; j < Math.min(keys.length, k + ridsPerChunk); j++) entries.push([keys[j], ts[j], replies[j]])
+    yield { kind: 'rids', entries }
   }
 }

@@ -163,6 +163,29 @@ t.test('snapshot chunks: each mailbox in messages chunks; the older layout, mess
   t.same(copy.account('b')!.mailbox.oldestUnread(5).map(m => m.text), ['m1200', 'm1201', 'm1202', 'm1203', 'm1204'])
 })
 
+t.test('snapshotChunks copies the state when called: later changes do not show in its chunks', async t => {
+  const { st, apply } = withUsers('a', 'b', 'c')
+  for (let k = 0; k < 30; k++) apply({ op: 'send', from: 'a', to: k % 2 ? 'b' : 'c', text: `m${k}`, rk: `a\u0000${k}` })
+  apply({ op: 'read', user: 'b', limit: 5 })
+  const digest = st.digest()
+  const index = st.index
+  const chunks = st.snapshotChunks()
+  // Every kind of change, before a single chunk is taken.
+  apply({ op: 'send', from: 'b', to: 'a', text: 'later', rk: 'b\u0000later' })
+  apply({ op: 'read', user: 'b', limit: 3 })
+  apply({ op: 'mark_read', user: 'c', ids: [5, 7] })
+  apply({ op: 'delete_messages', user: 'b', ids: [6, 8] })
+  apply({ op: 'delete_account', user: 'c', created: st.account('c')!.created })
+  apply({ op: 'register', user: 'd', salt: 's', hash: 'h' })
+  t.not(st.digest(), digest, 'the state did change')
+  const copy = ChatState.fromSnapshotChunks(chunks as Iterable<Record<string, unknown>>)
+  t.equal(copy.digest(), digest, 'the chunks hold the state as it was')
+  t.equal(copy.index, index)
+  t.equal(copy.account('c')!.mailbox.size, 15)
+  t.notOk(copy.account('d'))
+  t.notOk(copy.ridReply('b\u0000later'))
+})
+
 t.test('apply refuses records out of order', async t => {
   const st = new ChatState()
   t.throws(() => st.apply({ op: 'noop', i: 2, e: 0, ts: 1 }))

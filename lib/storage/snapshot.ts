@@ -117,10 +117,10 @@ export function writeSnapshot (files: FileOps, dir: string, index: number, chunk
 }
 
 // The same, written a slice at a time across turns of the event loop, with the fsync off the
-// loop, so a large state does not stall the server. `chunks` must be a copy that does not
-// change meanwhile. `cancelled` is asked before each slice; a cancelled or failed write removes
+// loop, so a large state does not stall the server. `chunks` must come from a copy that does
+// not change meanwhile. `cancelled` is asked before each slice; a cancelled or failed write removes
 // its temporary file. `done` gets the final path, or the error.
-export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: object[], cancelled: () => boolean, done: (err: Error | null, file: string) => void, sliceBytes = 4 * 1024 * 1024): void {
+export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: Iterable<object>, cancelled: () => boolean, done: (err: Error | null, file: string) => void, sliceBytes = 4 * 1024 * 1024): void {
   const final = path.join(dir, snapshotName(index))
   const tmp = final + '.tmp'
   const slices = frameSlices(index, chunks, sliceBytes)
