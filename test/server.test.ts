@@ -40,6 +40,13 @@ t.test('the executable: readiness line, flags, signals', async t => {
   t.ok(afterKill.port > 0, 'a lock left by a killed server is taken over at once')
   afterKill.kill('SIGINT')
   t.equal((await afterKill.exited).code, 0, 'SIGINT also stops cleanly')
+
+  t.equal(fs.readFileSync(`${data}/FORMAT`, 'utf8'), 'chainchat data format 2\n', 'the directory is marked with its format')
+  fs.writeFileSync(`${data}/FORMAT`, 'chainchat data format 3\n')
+  const newer = await runServer(['--port', '0', '--data', data])
+  t.equal(newer.code, 1, 'a directory in a newer format: exits non-zero')
+  t.match(newer.stderr, /format 3, and this server knows formats up to 2: it was written by a newer version; refusing to start/)
+  t.notMatch(newer.stderr, /\bat .*\.ts:\d+/, 'no stack trace')
 })
 
 t.test('the whole feature list over a raw socket', async t => {

@@ -6,6 +6,7 @@ import { segmentName } from '../lib/storage/log.ts'
 import { CorruptSnapshotError, writeSnapshot } from '../lib/storage/snapshot.ts'
 import { encodeRecordFrame } from '../lib/storage/framing.ts'
 import { realFiles } from '../lib/storage/files.ts'
+import { DataFormatError, dataFormat } from '../lib/storage/format.ts'
 import { ChatState } from '../lib/state.ts'
 import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles, stateView } from './helpers/storage.ts'
 import { waitFor } from './helpers/spawn.ts'
@@ -37,6 +38,9 @@ function replayed (to: number): ChatState {
   return st
 }
 
+// The data directory's files, sorted, but for FORMAT (see format.ts), which every recovery writes.
+const listed = (dir: string): string[] => fs.readdirSync(dir).filter(f => f !== 'FORMAT').sort()
+
 function reopen (t: Test, dir: string, opts: Partial<StoreOptions> = {}): ReturnType<Store['recover']> & { store: Store } {
   const { store } = openStore({ dir, ...opts })
   t.teardown(() => store.close())
@@ -58,12 +62,12 @@ t.test('snapshot every 10 records: one snapshot, covered segments deleted, recov
   t.same({ index: rec0.state.index, snapshotIndex: rec0.snapshotIndex, replayed: rec0.replayed, truncatedBytes: rec0.truncatedBytes }, { index: 0, snapshotIndex: 0, replayed: 0, truncatedBytes: 0 })
   const state = rec0.state
   drive(store, state, 1, 9)
-  t.same(fs.readdirSync(dir), [segmentName(1)], 'no snapshot before 10 records')
+  t.same(listed(dir), [segmentName(1)], 'no snapshot before 10 records')
   drive(store, state, 10, 10)
-  t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10)], 'at 10: snapshot, new segment, old one gone')
+  t.same(listed(dir), [segmentName(11), snapName(10)], 'at 10: snapshot, new segment, old one gone')
   drive(store, state, 11, 35)
   store.close()
-  t.same(fs.readdirSync(dir).sort(), [segmentName(31), snapName(30)], 'exactly one snapshot and the segment after it')
+  t.same(listed(dir), [segmentName(31), snapName(30)], 'exactly one snapshot and the segment after it')
   t.same(infos.map(i => i.fields && [i.msg, i.fields.index, i.fields.segmentsRemoved, i.fields.file]), [10, 20, 30].map(n => ['snapshot written', n, 1, path.join(dir, snapName(n))]))
   t.same(warnings, [])
   const seg = fs.readFileSync(path.join(dir, segmentName(31)))
@@ -80,7 +84,7 @@ t.test('snapshot every 10 records: one snapshot, covered segments deleted, recov
   // The recovered store carries on: the next snapshot at 40 replaces the one at 30.
   drive(back.store, back.state, 36, 41)
   back.store.close()
-  t.same(fs.readdirSync(dir).sort(), [segmentName(41), snapName(40)])
+  t.same(listed(dir), [segmentName(41), snapName(40)])
   const again = reopen(t, dir)
   t.same(stateView(again.state), stateView(replayed(41)))
   t.same({ snapshotIndex: again.snapshotIndex, replayed: again.replayed }, { snapshotIndex: 40, replayed: 1 })
@@ -97,15 +101,15 @@ t.test('a snapshot is also taken when enough bytes have been logged', async t =>
     if (bytes >= 1000) expected = i
   }
   drive(store, state, 1, expected - 1)
-  t.same(fs.readdirSync(dir), [segmentName(1)], `nothing before ${expected}`)
+  t.same(listed(dir), [segmentName(1)], `nothing before ${expected}`)
   drive(store, state, expected, expected)
-  t.same(fs.readdirSync(dir).sort(), [segmentName(expected + 1), snapName(expected)])
+  t.same(listed(dir), [segmentName(expected + 1), snapName(expected)])
   store.close()
   const back = reopen(t, dir)
   t.same(stateView(back.state), stateView(state))
   // The byte count starts from what the live segment holds after a restart.
   drive(back.store, back.state, expected + 1, expected + 2)
-  t.same(fs.readdirSync(dir).sort(), [segmentName(expected + 1), snapName(expected)], 'two records are not 1000 bytes')
+  t.same(listed(dir), [segmentName(expected + 1), snapName(expected)], 'two records are not 1000 bytes')
 })
 
 t.test('a store without log hooks: torn tail reported in the result, snapshots taken quietly', async t => {
@@ -114,7 +118,7 @@ t.test('a store without log hooks: torn tail reported in the result, snapshots t
   const { state } = store.recover()
   drive(store, state, 1, 6)
   store.close()
-  t.same(fs.readdirSync(dir).sort(), [segmentName(5), snapName(4)])
+  t.same(listed(dir), [segmentName(5), snapName(4)])
   const seg = path.join(dir, segmentName(5))
   const size = fs.statSync(seg).size
   fs.appendFileSync(seg, encodeRecordFrame(record(7)).subarray(0, 20))
@@ -131,13 +135,14 @@ t.test('snapshot() with nothing new since the last snapshot writes nothing', asy
   const ff = faultyFiles()
   const { store } = openStore({ dir, files: ff.files, snapshotEveryRecords: 5 })
   const { state } = store.recover()
+  const renamed = ff.calls.renameSync // FORMAT, written by the first recovery
   store.snapshot(state)
-  t.equal(ff.calls.renameSync, 0, 'an empty state at index 0 is not snapshotted')
+  t.equal(ff.calls.renameSync - renamed, 0, 'an empty state at index 0 is not snapshotted')
   drive(store, state, 1, 5)
-  t.equal(ff.calls.renameSync, 1)
+  t.equal(ff.calls.renameSync - renamed, 1)
   store.snapshot(state)
   store.maybeSnapshot(state)
-  t.equal(ff.calls.renameSync, 1, 'no second snapshot at the same index')
+  t.equal(ff.calls.renameSync - renamed, 1, 'no second snapshot at the same index')
   store.close()
 })
 
@@ -149,13 +154,13 @@ t.test('recovery from snapshot + log when a crash came between the snapshot and 
   drive(store, state, 1, 15)
   store.close()
   writeSnapshot(realFiles, dir, 12, replayed(12).snapshotChunks())
-  t.same(fs.readdirSync(dir).sort(), [segmentName(1), snapName(12)])
+  t.same(listed(dir), [segmentName(1), snapName(12)])
   const back = reopen(t, dir, { snapshotEveryRecords: 5 })
   t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 12, replayed: 3 })
   t.same(stateView(back.state), stateView(state))
   drive(back.store, back.state, 16, 17)
   back.store.close()
-  t.same(fs.readdirSync(dir).sort(), [segmentName(18), snapName(17)], 'the next snapshot compacts the old segment')
+  t.same(listed(dir), [segmentName(18), snapName(17)], 'the next snapshot compacts the old segment')
   t.same(stateView(reopen(t, dir).state), stateView(replayed(17)))
 })
 
@@ -195,7 +200,7 @@ t.test('a crash mid-snapshot: the partial temporary file is ignored and removed'
     const back = reopen(t, dir)
     t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 0, replayed: 7 })
     t.same(stateView(back.state), stateView(state))
-    t.same(fs.readdirSync(dir), [segmentName(1)], 'temporary file removed')
+    t.same(listed(dir), [segmentName(1)], 'temporary file removed')
   })
 
   t.test('with an older snapshot', async t => {
@@ -206,11 +211,11 @@ t.test('a crash mid-snapshot: the partial temporary file is ignored and removed'
     store.close()
     fs.writeFileSync(path.join(dir, snapName(15) + '.tmp'), partialOf(15))
     fs.writeFileSync(path.join(dir, snapName(14) + '.tmp'), '') // an even earlier crash, right after the open
-    t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10), snapName(14) + '.tmp', snapName(15) + '.tmp'])
+    t.same(listed(dir), [segmentName(11), snapName(10), snapName(14) + '.tmp', snapName(15) + '.tmp'])
     const back = reopen(t, dir)
     t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 10, replayed: 5 })
     t.same(stateView(back.state), stateView(state))
-    t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10)], 'temporary files removed')
+    t.same(listed(dir), [segmentName(11), snapName(10)], 'temporary files removed')
   })
 })
 
@@ -224,7 +229,7 @@ t.test('an older snapshot left by a crash before its removal is removed at recov
   const back = reopen(t, dir)
   t.equal(back.snapshotIndex, 10)
   t.same(stateView(back.state), stateView(state))
-  t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10)])
+  t.same(listed(dir), [segmentName(11), snapName(10)])
 })
 
 t.test('a damaged snapshot: recover throws CorruptSnapshotError naming the file, and changes nothing', async t => {
@@ -279,7 +284,7 @@ t.test('a failed snapshot write: log intact and recoverable, state unchanged, re
   t.equal(fault.attempts(), 1, 'the snapshot was attempted at 10')
   t.match(warnings, [{ msg: /snapshot failed/, fields: { error: /ENOSPC/ } }])
   t.same(infos, [])
-  t.same(fs.readdirSync(dir), [segmentName(1)], 'no snapshot, no temporary file, the segment kept')
+  t.same(listed(dir), [segmentName(1)], 'no snapshot, no temporary file, the segment kept')
   t.ok(fs.readFileSync(path.join(dir, segmentName(1))).subarray(0, logBefore.length).equals(logBefore), 'log bytes untouched')
   t.same(stateView(state), viewBefore, 'the state is unchanged by the failed snapshot')
   t.equal(store.log.failed, null, 'appends still work')
@@ -293,13 +298,13 @@ t.test('a failed snapshot write: log intact and recoverable, state unchanged, re
 
   drive(store, state, 20, 20)
   t.equal(fault.attempts(), 2, 'retried at 20')
-  t.same(fs.readdirSync(dir), [segmentName(1)])
+  t.same(listed(dir), [segmentName(1)])
   delete ff.hooks.writeSync
   drive(store, state, 21, 29)
-  t.same(fs.readdirSync(dir), [segmentName(1)], 'after the failure at 20, the next try is at 30')
+  t.same(listed(dir), [segmentName(1)], 'after the failure at 20, the next try is at 30')
   drive(store, state, 30, 31)
   store.close()
-  t.same(fs.readdirSync(dir).sort(), [segmentName(31), snapName(30)], 'the disk has room again')
+  t.same(listed(dir), [segmentName(31), snapName(30)], 'the disk has room again')
   const back = reopen(t, dir)
   t.same(stateView(back.state), stateView(replayed(31)))
 })
@@ -315,7 +320,7 @@ t.test('a failed snapshot fsync: same outcome', async t => {
   const { state } = store.recover()
   drive(store, state, 1, 7)
   t.match(warnings, [{ msg: /snapshot failed/, fields: { error: /EIO/ } }])
-  t.same(fs.readdirSync(dir), [segmentName(1)])
+  t.same(listed(dir), [segmentName(1)])
   store.close()
   t.same(stateView(reopen(t, dir).state), stateView(replayed(7)))
 })
@@ -351,10 +356,10 @@ t.test('background snapshots: written in slices while the log goes on, then the 
   const { store, infos, warnings } = openStore({ dir, snapshotEveryRecords: 10, backgroundSnapshots: true })
   const { state } = store.recover()
   drive(store, state, 1, 10)
-  t.same(fs.readdirSync(dir).sort(), [segmentName(1), segmentName(11), snapName(10) + '.tmp'], 'at 10: a new segment at once; the snapshot is still being written')
+  t.same(listed(dir), [segmentName(1), segmentName(11), snapName(10) + '.tmp'], 'at 10: a new segment at once; the snapshot is still being written')
   drive(store, state, 11, 14) // the log goes on meanwhile; no second snapshot starts
   await waitFor(() => infos.some(i => i.msg === 'snapshot written'), 5000, 'the snapshot')
-  t.same(fs.readdirSync(dir).sort(), [segmentName(11), snapName(10)], 'in place, and the covered segment gone')
+  t.same(listed(dir), [segmentName(11), snapName(10)], 'in place, and the covered segment gone')
   t.same(warnings, [])
   store.close()
   const back = reopen(t, dir)
@@ -385,4 +390,31 @@ t.test('background snapshots: a failed write leaves the log whole and retries a 
   t.notOk(fs.readdirSync(dir).some(f => f.endsWith('.tmp')), 'no temporary file left')
   const back = reopen(t, dir)
   t.same(stateView(back.state), stateView(replayed(20)), 'everything recovers from the snapshot at 10 and the log')
+})
+
+t.test('FORMAT: written at the first recovery; a newer format, or a line that is not one, is refused', async t => {
+  const dir = tempDir(t, 'store')
+  const file = path.join(dir, 'FORMAT')
+  reopen(t, dir).store.close()
+  t.equal(fs.readFileSync(file, 'utf8'), `chainchat data format ${dataFormat}\n`)
+  t.notOk(fs.existsSync(file + '.tmp'), 'no temporary file left')
+  // An older directory (no FORMAT, or an older one) is read as it is, then marked.
+  for (const older of [null, 'chainchat data format 1\n']) {
+    if (older === null) fs.rmSync(file)
+    else fs.writeFileSync(file, older)
+    const back = reopen(t, dir)
+    back.store.close()
+    t.equal(fs.readFileSync(file, 'utf8'), `chainchat data format ${dataFormat}\n`, `marked, from ${JSON.stringify(older)}`)
+  }
+  for (const [text, why] of [[`chainchat data format ${dataFormat + 1}\n`, /written by a newer version/], ['garbage', /not a format line/], ['', /not a format line/]] as const) {
+    fs.writeFileSync(file, text)
+    const before = new Map(fs.readdirSync(dir).map(f => [f, fs.readFileSync(path.join(dir, f))]))
+    const { store } = openStore({ dir })
+    const e = thrown(() => store.recover())
+    store.close()
+    t.type(e, DataFormatError, JSON.stringify(text))
+    t.match((e as Error).message, why)
+    const after = fs.readdirSync(dir)
+    t.ok(after.length === before.size && after.every(f => fs.readFileSync(path.join(dir, f)).equals(before.get(f)!)), 'nothing in the directory changed')
+  }
 })

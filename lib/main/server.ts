@@ -28,7 +28,7 @@ export async function main (argv: string[]): Promise<void> {
     node = await startNode(config, { log, onFatal: fatal })
   } catch (e) {
     const err = e as Error
-    const known = err instanceof DataDirLockedError || err.name === 'CorruptLogError' || err.name === 'CorruptSnapshotError' || (err as NodeJS.ErrnoException).code === 'EADDRINUSE'
+    const known = err instanceof DataDirLockedError || err.name === 'CorruptLogError' || err.name === 'CorruptSnapshotError' || err.name === 'DataFormatError' || (err as NodeJS.ErrnoException).code === 'EADDRINUSE'
     log('error', 'could not start', { error: err.message, ...(known ? {} : { stack: err.stack }) })
     process.stderr.write(`chainchat-server: ${err.message}\n`)
     process.exit(1)

@@ -7,6 +7,7 @@ import type { LogRecord } from '../records.ts'
 import { SegmentLog, type Warn } from './log.ts'
 import { writeSnapshot, writeSnapshotInSlices, openNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
 import { type FileOps, realFiles } from './files.ts'
+import { checkFormat } from './format.ts'
 import { limits } from '../limits.ts'
 import type { ChatError } from '../errors.ts'
 
@@ -61,8 +62,10 @@ export class Store {
 
   // Load the newest snapshot and replay the log after it, applying records up to applyLimit
   // (a chain member applies only what it knows was committed) and returning the rest. Throws
-  // CorruptLogError or CorruptSnapshotError when the data cannot be trusted.
+  // CorruptLogError or CorruptSnapshotError when the data cannot be trusted, DataFormatError when
+  // a newer version wrote it.
   recover (applyLimit = Number.MAX_SAFE_INTEGER): Recovered {
+    checkFormat(this.files, this.dir)
     const snap = openNewestSnapshot(this.files, this.dir)
     const state = snap ? ChatState.fromSnapshotChunks(snap.chunks) : new ChatState()
     this.snapshotIndex = state.index
