@@ -632,6 +632,9 @@ export class ChainNode {
     const link = this.succ
     if (!link || !link.learner || this.meta.learner !== link.target) return
     if (this.lastIndex() - link.acked > 1000) return
+    // Close behind is not caught up if what it needs next is compacted away: it is about to get
+    // a snapshot, and in the write path it would hold every write up until that is installed.
+    if (link.acked + 1 < this.store.log.firstIndex) return
     const report = { t: 'promote', epoch: this.meta.epoch, member: link.target }
     if (this.role === 'primary') this.onReport(report)
     else this.pred?.send(report)
@@ -861,6 +864,8 @@ export class ChainNode {
     this.pred = peer
     this.predName = peer.remote
     this.ackedUp = 0
+    // A snapshot that was coming in over the old link is sent again from its start, if needed.
+    this.snapshotChunks = []
     this.setRole(k >= 0 ? 'backup' : 'joining', `synced from ${peer.remote} at epoch ${cfg.epoch}`)
     // The predecessor resends from our applied index on; what we hold is either kept (each
     // record it resends is compared with ours: see receive) or discarded now.
