@@ -9,26 +9,21 @@ import net from 'node:net'
 import path from 'node:path'
 import { ChatClient, type Message } from '../lib/client.ts'
 import { root, tmpDir, waitFor, RawConn, type Teardown } from './helpers/spawn.ts'
+import { holdFreePort, listenOn } from './helpers/chain.ts'
 
 const startBin = path.join(root, 'bin/start.js')
 const bannerTimeoutMs = 30_000
 
-// Three consecutive free ports: a free one from the system, then the next two if they are free
-// too; otherwise try again.
+// Three consecutive free ports: a free one (below the ephemeral range, see holdFreePort), then
+// the next two if they are free too; otherwise try again.
 async function freeRun (): Promise<number> {
-  const listen = (port: number): Promise<net.Server | null> => new Promise(resolve => {
-    const s = net.createServer()
-    s.once('error', () => resolve(null))
-    s.listen(port, '127.0.0.1', () => resolve(s))
-  })
   for (let attempt = 0; attempt < 50; attempt++) {
-    const first = await listen(0)
-    if (!first) continue
+    const first = await holdFreePort()
     const base = (first.address() as net.AddressInfo).port
     const held = [first]
     if (base + 2 <= 65535) {
       for (const p of [base + 1, base + 2]) {
-        const s = await listen(p)
+        const s = await listenOn(p)
         if (!s) break
         held.push(s)
       }

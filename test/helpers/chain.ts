@@ -1,18 +1,46 @@
 // A chain of real server processes on fixed ports, with kill, stop, restart and status checks.
 
+import fs from 'node:fs'
 import net from 'node:net'
 import path from 'node:path'
 import { startServer, tmpDir, waitFor, RawConn, type ServerProc, type Teardown, type WireLine } from './spawn.ts'
 
+// Where a free port is looked for: below the system's ephemeral range when there is room. The
+// kernel hands out ports from that range to every listen on port 0 and every outgoing
+// connection, so a test running alongside could take a member's port between a stop and the
+// restart on the same port; below it, only a fixed choice like ours can.
+function portRange (): [number, number] {
+  let ephemeralFrom = 32768
+  try {
+    ephemeralFrom = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || ephemeralFrom
+  } catch { /* not Linux: the usual default */ }
+  return ephemeralFrom - 3 > 10_000 ? [10_000, ephemeralFrom - 3] : [0, 0]
+}
+
+// A listener on `port` (0: any), or null if it is taken.
+export function listenOn (port: number, host = '127.0.0.1'): Promise<net.Server | null> {
+  return new Promise(resolve => {
+    const s = net.createServer()
+    s.once('error', () => resolve(null))
+    s.listen(port, host, () => resolve(s))
+  })
+}
+
+// A port that was free a moment ago, from portRange(), held open until the caller closes it.
+export async function holdFreePort (host = '127.0.0.1'): Promise<net.Server> {
+  const [lo, hi] = portRange()
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const s = await listenOn(hi > lo ? lo + Math.floor(Math.random() * (hi - lo)) : 0, host)
+    if (s) return s
+  }
+  throw new Error('no free port')
+}
+
+// n distinct free ports, sorted.
 export async function freePorts (n: number, host = '127.0.0.1'): Promise<number[]> {
   const servers: net.Server[] = []
-  const ports: number[] = []
-  while (ports.length < n) {
-    const s = net.createServer()
-    await new Promise<void>(resolve => s.listen(0, host, resolve))
-    servers.push(s)
-    ports.push((s.address() as net.AddressInfo).port)
-  }
+  while (servers.length < n) servers.push(await holdFreePort(host))
+  const ports = servers.map(s => (s.address() as net.AddressInfo).port)
   for (const s of servers) await new Promise(resolve => s.close(resolve))
   return ports.sort((a, b) => a - b)
 }
