@@ -12,7 +12,7 @@
 
 import fs from 'node:fs'
 import path from 'node:path'
-import { fsyncDir, type FileOps, realFiles, writeAll } from '../storage/files.ts'
+import { type FileOps, realFiles, replaceFileDurably } from '../storage/files.ts'
 
 export interface ChainConfig {
   epoch: number
@@ -52,15 +52,6 @@ export class MetaStore {
 
   // Durably replace the metadata. Returns once it would survive a power loss.
   save (m: Meta): void {
-    const tmp = this.file + '.tmp'
-    const fd = this.files.openSync(tmp, 'w')
-    try {
-      writeAll(this.files, fd, Buffer.from(JSON.stringify(m) + '\n'))
-      this.files.fsyncSync(fd)
-    } finally {
-      this.files.closeSync(fd)
-    }
-    this.files.renameSync(tmp, this.file)
-    fsyncDir(this.files, this.dir)
+    replaceFileDurably(this.files, this.dir, this.file, Buffer.from(JSON.stringify(m) + '\n'))
   }
 }

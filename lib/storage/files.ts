@@ -53,3 +53,19 @@ export function fsyncDir (files: FileOps, dir: string): void {
     files.closeSync(fd)
   }
 }
+
+// Durably replace the small file `file` in `dir` with `data`: written to a temporary file,
+// fsync'd, renamed over the old one, and the directory fsync'd. Returns once it would survive a
+// power loss.
+export function replaceFileDurably (files: FileOps, dir: string, file: string, data: Buffer): void {
+  const tmp = file + '.tmp'
+  const fd = files.openSync(tmp, 'w')
+  try {
+    writeAll(files, fd, data)
+    files.fsyncSync(fd)
+  } finally {
+    files.closeSync(fd)
+  }
+  files.renameSync(tmp, file)
+  fsyncDir(files, dir)
+}

@@ -10,7 +10,7 @@
 // and marked with the current format before anything new is written to it.
 
 import path from 'node:path'
-import { type FileOps, writeAll, fsyncDir } from './files.ts'
+import { type FileOps, replaceFileDurably } from './files.ts'
 
 export const dataFormat = 2
 
@@ -40,14 +40,5 @@ export function checkFormat (files: FileOps, dir: string): void {
     if (found > dataFormat) throw new DataFormatError(file, `says format ${found}, and this server knows formats up to ${dataFormat}: it was written by a newer version`)
     if (found === dataFormat) return
   }
-  const tmp = file + '.tmp'
-  const fd = files.openSync(tmp, 'w')
-  try {
-    writeAll(files, fd, Buffer.from(`chainchat data format ${dataFormat}\n`))
-    files.fsyncSync(fd)
-  } finally {
-    files.closeSync(fd)
-  }
-  files.renameSync(tmp, file)
-  fsyncDir(files, dir)
+  replaceFileDurably(files, dir, file, Buffer.from(`chainchat data format ${dataFormat}\n`))
 }
