@@ -244,7 +244,7 @@ export type SnapshotChunk =
 // A messages or rids chunk cut in two, in order, for a chunk too big to send or store whole
 // (texts of up to textBytesMax make 1,000 messages several megabytes); null if it holds fewer
 // than two entries.
-export function splitChunk (c: SnapshotChunk): [SnapshotChunk, SnapshotChunk] | null {
+function splitChunk (c: SnapshotChunk): [SnapshotChunk, SnapshotChunk] | null {
   if (c.kind === 'messages' && c.messages.length >= 2) {
     const half = c.messages.length >> 1
     return [{ ...c, messages: c.messages.slice(0, half) }, { ...c, messages: c.messages.slice(half) }]
@@ -254,6 +254,27 @@ export function splitChunk (c: SnapshotChunk): [SnapshotChunk, SnapshotChunk] | 
     return [{ kind: 'rids', entries: c.entries.slice(0, half) }, { kind: 'rids', entries: c.entries.slice(half) }]
   }
   return null
+}
+
+// `c` encoded by `encode`; or, while an encoding comes to more than `max` by `size` (or `encode`
+// refuses the chunk with a RangeError), its two halves from splitChunk, each encoded the same
+// way, in order. A chunk that cannot be cut keeps its one encoding however big, or its RangeError.
+// Used for snapshot files (frames) and for the peer link (JSON).
+export function encodeInPieces<T> (c: SnapshotChunk, encode: (c: SnapshotChunk) => T, size: (encoded: T) => number, max: number): T[] {
+  let encoded: T | null = null
+  let tooBig: unknown = null
+  try {
+    encoded = encode(c)
+  } catch (e) {
+    if (!(e instanceof RangeError)) throw e
+    tooBig = e
+  }
+  if (encoded === null || size(encoded) > max) {
+    const halves = splitChunk(c)
+    if (halves) return [...encodeInPieces(halves[0], encode, size, max), ...encodeInPieces(halves[1], encode, size, max)]
+  }
+  if (encoded === null) throw tooBig
+  return [encoded]
 }
 
 const ridsPerChunk = 1000

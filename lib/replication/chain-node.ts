@@ -20,7 +20,7 @@ import type net from 'node:net'
 import { Committer } from '../committer.ts'
 import type { Store } from '../storage/store.ts'
 import { encodeRecordFrame } from '../storage/framing.ts'
-import { splitChunk, type ChatState, type Applied, type SnapshotChunk } from '../state.ts'
+import { encodeInPieces, type ChatState, type Applied, type SnapshotChunk } from '../state.ts'
 import type { LogRecord, RecordBody } from '../records.ts'
 import { ChatError, errors } from '../errors.ts'
 import type { LogFn } from '../logger.ts'
@@ -1114,21 +1114,13 @@ export class ChainNode {
 }
 
 // A state's snapshot chunks, as JSON, in batches for the peer link: at most 50 chunks and about
-// peerLineBytesMax / 8 a batch, chunks that are bigger on their own cut in two (see splitChunk).
+// peerLineBytesMax / 8 a batch, chunks that are bigger on their own cut in two (encodeInPieces).
 // A chunk that cannot be cut is one exactly-once entry, which fits in a line.
 export function * snapshotBatches (chunks: Iterable<SnapshotChunk>, batchBytes = peerLineBytesMax / 8): Generator<string[]> {
   let batch: string[] = []
   let bytes = 0
-  const encoded = function * (c: SnapshotChunk): Generator<string> {
-    const json = JSON.stringify(c)
-    const halves = json.length > batchBytes ? splitChunk(c) : null
-    if (halves) {
-      yield * encoded(halves[0])
-      yield * encoded(halves[1])
-    } else yield json
-  }
   for (const chunk of chunks) {
-    for (const json of encoded(chunk)) {
+    for (const json of encodeInPieces(chunk, c => JSON.stringify(c), s => s.length, batchBytes)) {
       if (batch.length > 0 && (batch.length >= 50 || bytes + json.length > batchBytes)) {
         yield batch
         batch = []

@@ -12,7 +12,7 @@ import { encodeChunkFrame, decodeFrame, frameHeaderBytes } from './framing.ts'
 import { type FileOps, writeAll, fsyncDir } from './files.ts'
 import { crashPoint } from '../fault-hooks.ts'
 import { limits } from '../limits.ts'
-import { splitChunk, type SnapshotChunk } from '../state.ts'
+import { encodeInPieces, type SnapshotChunk } from '../state.ts'
 
 const snapshotPattern = /^snapshot-(\d{20})\.snap$/
 const snapshotName = (index: number): string => `snapshot-${String(index).padStart(20, '0')}.snap`
@@ -64,20 +64,7 @@ function* frameSlices (index: number, chunks: Iterable<object>, sliceBytes: numb
 // each half's, so that frames stay small. Only a chunk that cannot be cut (one exactly-once entry
 // with a large stored reply) makes a bigger frame, up to snapshotFrameBytesMax.
 function chunkFrames (chunk: object): Buffer[] {
-  let frame: Buffer | null = null
-  let tooBig: unknown = null
-  try {
-    frame = encodeChunkFrame(chunk)
-  } catch (e) {
-    if (!(e instanceof RangeError)) throw e
-    tooBig = e
-  }
-  if (frame === null || frame.length - frameHeaderBytes > limits.recordBytesMax) {
-    const halves = splitChunk(chunk as SnapshotChunk)
-    if (halves) return [...chunkFrames(halves[0]), ...chunkFrames(halves[1])]
-  }
-  if (frame === null) throw tooBig
-  return [frame]
+  return encodeInPieces(chunk as SnapshotChunk, c => encodeChunkFrame(c), f => f.length - frameHeaderBytes, limits.recordBytesMax)
 }
 
 // Write one slice; after the first, a crash point.
