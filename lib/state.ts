@@ -310,11 +310,23 @@ export class ChatState {
 
   // The table's entries, oldest first: key, time, stored reply.
   * ridEntries (): Generator<[string, number, Reply]> {
+    const { keys, ts, replies } = this.ridLanes()
+    for (let k = 0; k < keys.length; k++) yield [keys[k], ts[k], replies[k]]
+  }
+
+  // The same in three lanes, copied out of the ring with no object per entry.
+  private ridLanes (): { keys: string[], ts: number[], replies: Reply[] } {
     const n = this.ridTs.length
+    const keys = new Array<string>(n)
+    const ts = new Array<number>(n)
+    const replies = new Array<Reply>(n)
     for (let k = 0; k < n; k++) {
       const slot = (this.ridStart + k) % n
-      yield [this.ridSlots.keyAt(slot), this.ridTs[slot], this.ridReplies[slot]]
+      keys[k] = this.ridSlots.keyAt(slot)
+      ts[k] = this.ridTs[slot]
+      replies[k] = this.ridReplies[slot]
     }
+    return { keys, ts, replies }
   }
 
   account (name: string): Account | undefined { return this.accounts.get(name.toLowerCase()) }
@@ -463,17 +475,7 @@ export class ChatState {
       const a = this.accounts.get(key)!
       return { ...a, mailbox: a.mailbox.clone() }
     })
-    const n = this.ridTs.length
-    const keys = new Array<string>(n)
-    const ts = new Array<number>(n)
-    const replies = new Array<Reply>(n)
-    for (let k = 0; k < n; k++) {
-      const slot = (this.ridStart + k) % n
-      keys[k] = this.ridSlots.keyAt(slot)
-      ts[k] = this.ridTs[slot]
-      replies[k] = this.ridReplies[slot]
-    }
-    return chunksOf(head, accounts, keys, ts, replies)
+    return chunksOf(head, accounts, this.ridLanes())
   }
 
   // Rebuild the state from snapshot chunks, in the order snapshotChunks() produced them.
@@ -523,7 +525,7 @@ export class ChatState {
 
 // Snapshot chunks from a copy of the state (see ChatState.snapshotChunks), made as they are asked
 // for; the exactly-once table comes oldest first, in three lanes.
-function * chunksOf (head: SnapshotChunk, accounts: Account[], keys: string[], ts: number[], replies: Reply[]): Generator<SnapshotChunk> {
+function * chunksOf (head: SnapshotChunk, accounts: Account[], { keys, ts, replies }: { keys: string[], ts: number[], replies: Reply[] }): Generator<SnapshotChunk> {
   yield head
   for (const a of accounts) {
     yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages: [] }
