@@ -182,6 +182,20 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   }
   for (const s of early.splice(0)) route(s)
   chain?.start()
+  // A start from a snapshot leaves each mailbox packed until it is first used (state.ts,
+  // Mailbox.defer). Decode them a few milliseconds at a time between requests, so that no
+  // request waits on a whole mailbox later, and the snapshot's buffer is let go.
+  const loaded = recovered.state
+  if (loaded.deferredMailboxes > 0) {
+    const since = Date.now()
+    const mailboxes = loaded.deferredMailboxes
+    const warm = (): void => {
+      if (shuttingDown || (chain !== null && chain.state !== loaded)) return
+      if (loaded.warmSome(2)) setImmediate(warm)
+      else log('info', 'mailboxes decoded', { mailboxes, ms: Date.now() - since })
+    }
+    setImmediate(warm)
+  }
   log('info', 'started', { listen: nodeName, dir, mode: chain ? 'chain' : 'single', index: recovered.state.index, peers: config.peers, join: config.join })
 
   let stopping: Promise<void> | null = null

@@ -8,6 +8,7 @@ import type { LogRecord } from './records.ts'
 import { limits } from './limits.ts'
 import { KeySlots } from './key-slots.ts'
 import type { ErrorCode } from './errors.ts'
+import { unpackMessages } from './storage/framing.ts'
 
 export interface Message {
   id: number
@@ -47,17 +48,22 @@ export interface Applied {
 // order, from `unreadHead` on: reading takes the oldest, so the array is trimmed at the head and
 // compacted now and then. Finding a message or its read mark is a binary search. Message objects
 // are never changed once made, so replies, pushes and the exactly-once table share them.
+//
+// A mailbox loaded from a snapshot starts deferred (see defer): the snapshot's messages for it
+// are decoded the first time it is used, not at start-up. Adding does not count as a use: what
+// is added comes after everything deferred, so it waits in the arrays meanwhile.
 export class Mailbox {
   private unreadHead = 0
+  private deferred: (() => void) | null = null
 
   constructor (
-    private readonly ids: number[] = [],
-    private readonly messages: Message[] = [], // parallel to ids
-    private readonly unread: number[] = []
+    private ids: number[] = [],
+    private messages: Message[] = [], // parallel to ids
+    private unread: number[] = []
   ) {}
 
-  get size (): number { return this.ids.length }
-  get unreadCount (): number { return this.unread.length - this.unreadHead }
+  get size (): number { this.warm(); return this.ids.length }
+  get unreadCount (): number { this.warm(); return this.unread.length - this.unreadHead }
 
   add (m: Message, read: boolean): void {
     if (this.ids.length > 0 && this.ids[this.ids.length - 1] >= m.id) assert.fail('message ids must grow')
@@ -66,18 +72,47 @@ export class Mailbox {
     if (!read) this.unread.push(m.id)
   }
 
+  // Leave the messages before any added from now on to `fill`, which adds them (in order, with
+  // add) when the mailbox is first used or warm() is called.
+  // Only a new, empty mailbox can be deferred: false otherwise.
+  defer (fill: () => void): boolean {
+    if (this.ids.length > 0 || this.deferred !== null) return false
+    this.deferred = fill
+    return true
+  }
+
+  // Decode the deferred messages now, if there are any; true if there were.
+  warm (): boolean {
+    const fill = this.deferred
+    if (fill === null) return false
+    this.deferred = null
+    // Added meanwhile: later than every deferred message. Nothing was read or removed, since
+    // either would have warmed the mailbox first, so the unread ids start at 0.
+    const { messages, unread } = this
+    this.ids = []
+    this.messages = []
+    this.unread = []
+    fill()
+    for (const m of messages) this.add(m, true) // their unread marks follow, in order
+    for (const id of unread) this.unread.push(id)
+    return true
+  }
+
   get (id: number): Message | undefined {
+    this.warm()
     const k = lowerBound(this.ids, id)
     return this.ids[k] === id ? this.messages[k] : undefined
   }
 
   // Whether the message `id`, which is in the mailbox, has been read.
   isRead (id: number): boolean {
+    this.warm()
     return this.unread[lowerBound(this.unread, id, this.unreadHead)] !== id
   }
 
   // Mark `id` read; false if it was read already or is not here.
   markRead (id: number): boolean {
+    this.warm()
     const k = lowerBound(this.unread, id, this.unreadHead)
     if (this.unread[k] !== id) return false
     if (k > this.unreadHead) this.unread.splice(k, 1)
@@ -90,6 +125,7 @@ export class Mailbox {
 
   // Take `id` out; what it was, or undefined if it is not here.
   remove (id: number): { message: Message, read: boolean } | undefined {
+    this.warm()
     const k = lowerBound(this.ids, id)
     if (this.ids[k] !== id) return undefined
     const message = this.messages[k]
@@ -100,6 +136,7 @@ export class Mailbox {
 
   // The oldest unread messages, at most `limit` of them.
   oldestUnread (limit: number): Message[] {
+    this.warm()
     const end = Math.min(this.unread.length, this.unreadHead + limit)
     const out: Message[] = []
     for (let k = this.unreadHead; k < end; k++) out.push(this.get(this.unread[k])!)
@@ -108,6 +145,7 @@ export class Mailbox {
 
   // Newest first, ids strictly below `before` when given.
   newest (limit: number, before?: number): Message[] {
+    this.warm()
     let end = before === undefined ? this.ids.length : lowerBound(this.ids, before)
     const out: Message[] = []
     while (end > 0 && out.length < limit) out.push(this.messages[--end])
@@ -117,11 +155,13 @@ export class Mailbox {
   // A copy that later changes to this mailbox do not affect: the arrays are copied, the message
   // objects (never changed) are shared.
   clone (): Mailbox {
+    this.warm()
     return new Mailbox(this.ids.slice(), this.messages.slice(), this.unread.slice(this.unreadHead))
   }
 
   // Every message in id order, with its read mark.
   * entries (): Generator<[Message, boolean]> {
+    this.warm()
     let u = this.unreadHead
     for (let k = 0; k < this.ids.length; k++) {
       const unread = this.unread[u] === this.ids[k]
@@ -241,6 +281,9 @@ export type SnapshotChunk =
   | { kind: 'account', name: string, salt: string, hash: string, created: number, messages: SnapshotMessage[] }
   | { kind: 'messages', name: string, messages: SnapshotMessage[] } // the last account's mailbox, in order
   | { kind: 'rids', entries: Array<[string, number, Reply]> }
+// A messages chunk as a snapshot file is read at start-up: checked, but still in binary, for the
+// mailbox to decode when first used (storage/framing.ts, unpackMessages).
+type PackedMessagesChunk = { kind: 'messages', name: string, packed: Buffer }
 // A messages or rids chunk cut in two, in order, for a chunk too big to send or store whole
 // (texts of up to textBytesMax make 1,000 messages several megabytes); null if it holds fewer
 // than two entries.
@@ -296,8 +339,33 @@ export class ChatState {
   private readonly ridHy: number[] = []
   private ridStart = 0
   private readonly digestAcc = new MultisetDigest()
+  // Accounts whose mailbox may still be deferred (loaded packed from a snapshot), for warmSome.
+  private deferred: Account[] = []
+  private deferredNext = 0
 
-  digest (): string { return this.digestAcc.hex() }
+  // The digest covers every message, so it first decodes any deferred mailbox.
+  digest (): string {
+    while (this.warmSome(Infinity));
+    return this.digestAcc.hex()
+  }
+
+  // Mailboxes that may still be deferred (some may have been used, and decoded, since).
+  get deferredMailboxes (): number { return this.deferred.length - this.deferredNext }
+
+  // Decode deferred mailboxes for about `ms` milliseconds (at least one); true while some remain.
+  // The server calls this between other work after a start from a snapshot, so that mailboxes
+  // are not decoded in the middle of a request, and the snapshot's memory is let go.
+  warmSome (ms: number): boolean {
+    const until = performance.now() + ms
+    while (this.deferredNext < this.deferred.length) {
+      this.deferred[this.deferredNext++].mailbox.warm()
+      if (performance.now() >= until) break
+    }
+    if (this.deferredNext < this.deferred.length) return true
+    this.deferred = []
+    this.deferredNext = 0
+    return false
+  }
 
   // The stored reply of an applied request with this exactly-once key, if any.
   ridReply (rk: string): Reply | undefined {
@@ -478,15 +546,50 @@ export class ChatState {
     return chunksOf(head, accounts, this.ridLanes())
   }
 
+  // Add a packed messages chunk (storage/framing.ts) to a's mailbox, to be decoded and counted
+  // in the digest when the mailbox is first used (or by warmSome). A mailbox's consecutive
+  // chunks are decoded together. A mailbox that already holds messages decodes the chunk now.
+  // name: one string per sender's name, shared.
+  private deferMessages (a: Account, packed: Buffer, name: (s: string) => string): void {
+    if (this.loading?.account === a) {
+      this.loading.chunks.push(packed)
+      return
+    }
+    const chunks = [packed]
+    const fill = (): void => {
+      for (const chunk of chunks) {
+        unpackMessages(chunk, (id, from, text, ts, read) => {
+          const m: Message = { id, from: name(from), to: a.name, text, ts }
+          a.mailbox.add(m, read === 1)
+          this.digestAcc.addMessage(a.key, m, read === 1)
+        })
+      }
+    }
+    if (!a.mailbox.defer(fill)) {
+      fill()
+      return
+    }
+    this.loading = { account: a, chunks }
+    this.deferred.push(a)
+  }
+
+  // While a snapshot loads: the mailbox whose packed chunks are being gathered.
+  private loading: { account: Account, chunks: Buffer[] } | null = null
+
   // Rebuild the state from snapshot chunks, in the order snapshotChunks() produced them.
   static fromSnapshotChunks (chunks: Iterable<Record<string, unknown>>): ChatState {
     const st = new ChatState()
     let sawState = false
     // One string per sender's name, shared by all their messages, as in a state built by apply.
     const names = new Map<string, string>()
-    const name = (s: string): string => { names.set(s, s); return s }
+    const name = (s: string): string => {
+      const had = names.get(s)
+      if (had !== undefined) return had
+      names.set(s, s)
+      return s
+    }
     for (const raw of chunks) {
-      const c = raw as SnapshotChunk
+      const c = raw as SnapshotChunk | PackedMessagesChunk
       switch (c.kind) {
         case 'state':
           assert.equal(c.version, 1, 'snapshot version')
@@ -504,8 +607,13 @@ export class ChatState {
             st.addAccount(a)
           }
           assert.ok(a, `messages for unknown account ${c.name}`)
+          if ('packed' in c) {
+            st.deferMessages(a, c.packed, name)
+            break
+          }
+          st.loading = null // a later packed chunk must not join the ones deferred before these
           for (const [id, from, to, text, ts, read] of c.messages) {
-            const m: Message = { id, from: names.get(from) ?? name(from), to: to === a.name ? a.name : to, text, ts }
+            const m: Message = { id, from: name(from), to: to === a.name ? a.name : to, text, ts }
             a.mailbox.add(m, read === 1)
             st.digestAcc.addMessage(a.key, m, read === 1)
           }
@@ -518,6 +626,7 @@ export class ChatState {
           throw new Error(`unknown snapshot chunk ${JSON.stringify((c as { kind: unknown }).kind)}`)
       }
     }
+    st.loading = null
     assert.ok(sawState, 'snapshot has no state chunk')
     return st
   }

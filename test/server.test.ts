@@ -49,6 +49,34 @@ t.test('the executable: readiness line, flags, signals', async t => {
   t.notMatch(newer.stderr, /\bat .*\.ts:\d+/, 'no stack trace')
 })
 
+t.test('a restart from a snapshot: mailboxes decoded in the background, the same messages served', async t => {
+  const data = tmpDir(t, 'deferred')
+  const args = ['--snapshot-every-records', '50']
+  let s = await startServer(t, { data, args })
+  let a = await RawConn.open(s.port)
+  await a.req({ op: 'register', user: 'alice', password: 'pa' })
+  await a.req({ op: 'register', user: 'bob', password: 'pb' })
+  await a.req({ op: 'login', user: 'alice', password: 'pa' })
+  for (let k = 0; k < 120; k++) t.equal((await a.req({ op: 'send', to: 'bob', text: `m${k}` })).ok, true)
+  await a.req({ op: 'logout' })
+  await a.req({ op: 'login', user: 'bob', password: 'pb' })
+  t.equal(((await a.req({ op: 'read', limit: 5 })).messages as unknown[]).length, 5)
+  a.close()
+  t.equal(await s.stop(), 0)
+  t.ok(fs.readdirSync(data).some(f => f.endsWith('.snap')), 'a snapshot was written')
+
+  s = await startServer(t, { data, args })
+  const line = await waitFor(() => s.stderr().split('\n').find(l => l.includes('"mailboxes decoded"')), 10_000, 'the mailboxes decoded line')
+  t.match(JSON.parse(line), { level: 'info', msg: 'mailboxes decoded', mailboxes: 1 }, 'bob\'s mailbox was packed in the snapshot, and decoded after the start')
+  a = await RawConn.open(s.port)
+  t.teardown(() => a.close())
+  t.match(await a.req({ op: 'login', user: 'bob', password: 'pb' }), { ok: true, unread: 115 })
+  const h = await a.req({ op: 'history', limit: 3 })
+  t.same((h.messages as Array<{ text: string }>).map(m => m.text), ['m119', 'm118', 'm117'])
+  const r = await a.req({ op: 'read', limit: 2 })
+  t.same((r.messages as Array<{ text: string }>).map(m => m.text), ['m5', 'm6'], 'the read marks survived')
+})
+
 t.test('the whole feature list over a raw socket', async t => {
   const s = await startServer(t, { data: tmpDir(t, 'features') })
   const a = await RawConn.open(s.port)

@@ -36,6 +36,9 @@
 //               f64 id, f64 ts, u8 read (0 or 1), u16 bytes of from, u32 bytes of text,
 //               then from and text
 //   the last message ends where the payload ends.
+//
+// At start-up a server reads its snapshot's messages chunks packed (decodeFrame's packMessages):
+// each is checked here, and decoded only when its mailbox is first used (state.ts, Mailbox.defer).
 
 import zlib from 'node:zlib'
 import { limits } from '../limits.ts'
@@ -154,8 +157,10 @@ export function encodeChunkFrame (chunk: object, max: number = limits.snapshotFr
   return seal(frame)
 }
 
-// The messages chunk in buf[start, end), or null if it is not well formed.
-function decodeMessages (buf: Buffer, start: number, end: number): Record<string, unknown> | null {
+// Walk the messages chunk in buf[start, end): its owner's name, or null if it is not well formed.
+// With `visit`, each message's fields are handed to it in order; without, nothing is decoded
+// but the name, and the walk only checks that the lengths fill the chunk exactly.
+function walkMessages (buf: Buffer, start: number, end: number, visit?: (id: number, from: string, text: string, ts: number, read: 0 | 1) => void): string | null {
   let p = start + 3
   if (p + 4 > end) return null
   const nameLen = buf.readUInt16LE(start + 1)
@@ -164,21 +169,41 @@ function decodeMessages (buf: Buffer, start: number, end: number): Record<string
   const count = buf.readUInt32LE(p)
   p += 4
   if (count * messageHeadBytes > end - p) return null
-  const messages = new Array<SnapshotMessage>(count)
   for (let k = 0; k < count; k++) {
     if (p + messageHeadBytes > end) return null
-    const id = buf.readDoubleLE(p)
-    const ts = buf.readDoubleLE(p + 8)
     const read = buf[p + 16]
     const fromLen = buf.readUInt16LE(p + 17)
     const textLen = buf.readUInt32LE(p + 19)
-    p += messageHeadBytes
-    if (read > 1 || p + fromLen + textLen > end) return null
-    const from = utf8Slice.call(buf, p, p += fromLen)
-    const text = utf8Slice.call(buf, p, p += textLen)
-    messages[k] = [id, from, name, text, ts, read as 0 | 1]
+    const at = p
+    p += messageHeadBytes + fromLen + textLen
+    if (read > 1 || p > end) return null
+    if (visit !== undefined) {
+      const textAt = at + messageHeadBytes + fromLen
+      visit(buf.readDoubleLE(at), utf8Slice.call(buf, at + messageHeadBytes, textAt), utf8Slice.call(buf, textAt, p), buf.readDoubleLE(at + 8), read as 0 | 1)
+    }
   }
-  return p === end ? { kind: 'messages', name, messages } : null
+  return p === end ? name : null
+}
+
+// The messages chunk in buf[start, end), or null if it is not well formed.
+function decodeMessages (buf: Buffer, start: number, end: number): Record<string, unknown> | null {
+  const messages: SnapshotMessage[] = []
+  const name = walkMessages(buf, start, end, (id, from, text, ts, read) => { messages.push([id, from, '', text, ts, read]) })
+  if (name === null) return null
+  for (const m of messages) m[2] = name // every message is to the owner
+  return { kind: 'messages', name, messages }
+}
+
+// The same chunk checked but left packed: { kind: 'messages', name, packed }, where `packed` is
+// the chunk's payload (a view into buf), to be decoded later by unpackMessages.
+function packedMessages (buf: Buffer, start: number, end: number): Record<string, unknown> | null {
+  const name = walkMessages(buf, start, end)
+  return name === null ? null : { kind: 'messages', name, packed: buf.subarray(start, end) }
+}
+
+// Hand every message of a packed messages chunk (see packedMessages) to `visit`, in order.
+export function unpackMessages (packed: Buffer, visit: (id: number, from: string, text: string, ts: number, read: 0 | 1) => void): void {
+  if (walkMessages(packed, 0, packed.length, visit) === null) throw new Error('malformed packed messages chunk')
 }
 
 export type FrameResult =
@@ -186,8 +211,9 @@ export type FrameResult =
   | { kind: 'short' } // the frame runs past the end of the buffer: a torn write if it is the tail
   | { kind: 'bad', why: string } // length out of range, CRC mismatch or not a JSON object
 
-// Decode the frame at `offset`. Never throws on bad input.
-export function decodeFrame (buf: Buffer, offset: number, max: number = limits.recordBytesMax): FrameResult {
+// Decode the frame at `offset`. Never throws on bad input. With packMessages, a binary messages
+// chunk is checked but not decoded (see packedMessages).
+export function decodeFrame (buf: Buffer, offset: number, max: number = limits.recordBytesMax, packMessages = false): FrameResult {
   if (buf.length - offset < frameHeaderBytes) return { kind: 'short' }
   const len = buf.readUInt32LE(offset)
   if (len === 0 || len > max) return { kind: 'bad', why: `length ${len} out of range` }
@@ -200,7 +226,7 @@ export function decodeFrame (buf: Buffer, offset: number, max: number = limits.r
     return r === null ? { kind: 'bad', why: 'malformed send record' } : { kind: 'ok', value: r as unknown as Record<string, unknown>, next: end }
   }
   if (buf[start] === messagesTag) {
-    const c = decodeMessages(buf, start, end)
+    const c = packMessages ? packedMessages(buf, start, end) : decodeMessages(buf, start, end)
     return c === null ? { kind: 'bad', why: 'malformed messages chunk' } : { kind: 'ok', value: c, next: end }
   }
   let value: unknown

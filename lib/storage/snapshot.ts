@@ -179,18 +179,20 @@ export function loadNewestSnapshot (files: FileOps, dir: string): LoadedSnapshot
 // them, so a large state is rebuilt without first holding every parsed chunk in memory. The
 // stream throws CorruptSnapshotError where the damage is, at the latest after the last chunk
 // (a missing end): the caller must consume it whole before trusting what it built.
-export function openNewestSnapshot (files: FileOps, dir: string): { index: number, file: string, chunks: Generator<Record<string, unknown>> } | null {
+// With packMessages, binary messages chunks come checked but packed (see framing.ts), for
+// ChatState.fromSnapshotChunks to decode each mailbox when it is first used.
+export function openNewestSnapshot (files: FileOps, dir: string, packMessages = false): { index: number, file: string, chunks: Generator<Record<string, unknown>> } | null {
   const all = listSnapshots(files, dir)
   if (all.length === 0) return null
   const { index, file } = all[all.length - 1]
-  return { index, file, chunks: readChunks(files.readFileSync(file), file, index) }
+  return { index, file, chunks: readChunks(files.readFileSync(file), file, index, packMessages) }
 }
 
-function * readChunks (buf: Buffer, file: string, index: number): Generator<Record<string, unknown>> {
+function * readChunks (buf: Buffer, file: string, index: number, packMessages: boolean): Generator<Record<string, unknown>> {
   let off = 0
   let ended = false
   while (off < buf.length) {
-    const f = decodeFrame(buf, off, limits.snapshotFrameBytesMax)
+    const f = decodeFrame(buf, off, limits.snapshotFrameBytesMax, packMessages)
     if (f.kind !== 'ok') throw new CorruptSnapshotError(file, off, f.kind === 'bad' ? f.why : 'frame cut short')
     const c = f.value
     const isHead = c.kind === 'head'

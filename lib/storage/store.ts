@@ -66,7 +66,7 @@ export class Store {
   // a newer version wrote it.
   recover (applyLimit = Number.MAX_SAFE_INTEGER): Recovered {
     checkFormat(this.files, this.dir)
-    const snap = openNewestSnapshot(this.files, this.dir)
+    const snap = openNewestSnapshot(this.files, this.dir, true)
     const state = snap ? ChatState.fromSnapshotChunks(snap.chunks) : new ChatState()
     this.snapshotIndex = state.index
     let replayed = 0

@@ -1,0 +1,140 @@
+// Mailboxes loaded from a snapshot file start packed (Mailbox.defer): decoded on first use, by
+// warmSome, or when the digest is asked for. Whatever the order, a state loaded that way must
+// behave exactly as one loaded whole.
+import t from 'tap'
+import { ChatState } from '../lib/state.ts'
+import { encodeChunkFrame, decodeFrame } from '../lib/storage/framing.ts'
+import { limits } from '../lib/limits.ts'
+import type { LogRecord, RecordBody } from '../lib/records.ts'
+
+function feeder (st: ChatState): (body: RecordBody) => ReturnType<ChatState['apply']> {
+  let ts = 1_000
+  return (body: RecordBody) => st.apply({ ...body, i: st.index + 1, e: 0, ts: ts += 10 } as LogRecord)
+}
+
+// A state with three mailboxes: b's spans several chunks, some read, one deleted; c's is small;
+// d's is empty. Non-ASCII texts and names, and exactly-once keys.
+function source (): ChatState {
+  const st = new ChatState()
+  const apply = feeder(st)
+  for (const user of ['a', 'Bé', 'c', 'd']) apply({ op: 'register', user, salt: 's', hash: 'h' })
+  for (let k = 0; k < 2300; k++) apply({ op: 'send', from: k % 3 ? 'a' : 'c', to: k % 5 ? 'bé' : 'c', text: `m${k} ünïcode ✓`, rk: `a\u0000${k}` })
+  apply({ op: 'read', user: 'bé', limit: 700 })
+  apply({ op: 'delete_messages', user: 'bé', ids: [10, 11, 12] })
+  apply({ op: 'mark_read', user: 'c', ids: [5] })
+  return st
+}
+
+// The state's snapshot as the file holds it, read back as recovery reads it: packed or whole.
+function throughFrames (st: ChatState, packed: boolean): ChatState {
+  const chunks = [...st.snapshotChunks()].map(c => {
+    const frame = encodeChunkFrame(c)
+    const f = decodeFrame(frame, 0, limits.snapshotFrameBytesMax, packed)
+    if (f.kind !== 'ok') throw new Error(`frame: ${f.kind}`)
+    return f.value
+  })
+  return ChatState.fromSnapshotChunks(chunks)
+}
+
+const texts = (ms: Array<{ text: string }>): string[] => ms.map(m => m.text)
+
+t.test('packed frames: messages chunks stay binary until used, and decode to what a whole load holds', async t => {
+  const st = source()
+  const chunk = [...st.snapshotChunks()].find(c => c.kind === 'messages')!
+  const f = decodeFrame(encodeChunkFrame(chunk), 0, limits.snapshotFrameBytesMax, true)
+  t.equal(f.kind, 'ok')
+  const value = (f as { value: Record<string, unknown> }).value
+  t.equal(value.kind, 'messages')
+  t.equal(value.name, 'Bé')
+  t.ok(Buffer.isBuffer(value.packed), 'packed, not decoded')
+  t.notOk('messages' in value)
+
+  const whole = throughFrames(st, false)
+  const lazy = throughFrames(st, true)
+  for (const name of ['a', 'bé', 'c', 'd']) t.equal(lazy.account(name)!.mailbox.warm(), name !== 'a' && name !== 'd', `${name}: deferred only if it has messages`)
+  for (const name of ['a', 'bé', 'c', 'd']) {
+    t.same([...lazy.account(name)!.mailbox.entries()], [...whole.account(name)!.mailbox.entries()], `${name}: same messages and read marks`)
+  }
+  t.equal(lazy.digest(), st.digest())
+  t.equal(whole.digest(), st.digest())
+  const m = lazy.account('bé')!.mailbox.newest(1)[0]
+  t.equal(m.to, lazy.account('bé')!.name, 'to is the owner\'s name')
+})
+
+t.test('a malformed messages chunk is refused when packed too', async t => {
+  const st = source()
+  const frame = encodeChunkFrame([...st.snapshotChunks()].find(c => c.kind === 'messages')!)
+  // Make the first text one byte longer: the lengths no longer fill the chunk. Re-seal the CRC.
+  const textLenAt = 8 + 1 + 2 + Buffer.byteLength('Bé') + 4 + 19
+  frame.writeUInt32LE(frame.readUInt32LE(textLenAt) + 1, textLenAt)
+  const zlib = await import('node:zlib')
+  frame.writeUInt32LE(zlib.crc32(frame.subarray(8)), 4)
+  t.same(decodeFrame(frame, 0, limits.snapshotFrameBytesMax, true), { kind: 'bad', why: 'malformed messages chunk' })
+  t.same(decodeFrame(frame, 0, limits.snapshotFrameBytesMax, false), { kind: 'bad', why: 'malformed messages chunk' })
+})
+
+t.test('every operation on a deferred mailbox gives what it gives on a whole one', async t => {
+  const st = source()
+  const whole = throughFrames(st, false)
+  const lazy = throughFrames(st, true)
+  const ops: RecordBody[] = [
+    // Sends into deferred mailboxes wait behind the packed messages without decoding them.
+    { op: 'send', from: 'a', to: 'bé', text: 'after 1' },
+    { op: 'send', from: 'c', to: 'bé', text: 'after 2', rk: 'c\u0000x' },
+    { op: 'send', from: 'a', to: 'c', text: 'after 3' },
+    { op: 'read', user: 'bé', limit: 5 },
+    { op: 'mark_read', user: 'bé', ids: [2301] },
+    { op: 'delete_messages', user: 'c', ids: [5, 6, 2303] },
+    { op: 'send', from: 'a', to: 'a', text: 'to self' },
+    { op: 'delete_account', user: 'c', created: 3 },
+    { op: 'send', from: 'a', to: 'd', text: 'to the empty one' },
+    { op: 'read', user: 'bé', limit: 2000 }
+  ]
+  const feedWhole = feeder(whole)
+  const feedLazy = feeder(lazy)
+  for (const body of ops) {
+    t.same(feedLazy(body), feedWhole(body), `${body.op}: same reply and effects`)
+  }
+  t.equal(lazy.digest(), whole.digest(), 'same digest after all of them')
+  for (const name of ['a', 'bé', 'd']) t.same([...lazy.account(name)!.mailbox.entries()], [...whole.account(name)!.mailbox.entries()], name)
+  t.notOk(lazy.account('c'), 'the deferred account was deleted')
+})
+
+t.test('added to before it is used: the packed messages still come first, unread marks kept', async t => {
+  const st = source()
+  const lazy = throughFrames(st, true)
+  const whole = throughFrames(st, false)
+  for (const s of [lazy, whole]) {
+    const apply = feeder(s)
+    apply({ op: 'send', from: 'a', to: 'c', text: 'new 1' })
+    apply({ op: 'send', from: 'a', to: 'c', text: 'new 2' })
+  }
+  const box = lazy.account('c')!.mailbox
+  t.equal(box.warm(), true, 'the sends did not decode it')
+  t.equal(box.unreadCount, whole.account('c')!.mailbox.unreadCount)
+  t.same(texts(box.newest(3)), ['new 2', 'new 1', texts(whole.account('c')!.mailbox.newest(3))[2]])
+  t.same(texts(box.oldestUnread(1000)), texts(whole.account('c')!.mailbox.oldestUnread(1000)))
+  t.equal(lazy.digest(), whole.digest())
+})
+
+t.test('digest and snapshots decode whatever is still deferred', async t => {
+  const st = source()
+  const lazy = throughFrames(st, true)
+  t.equal(lazy.digest(), st.digest(), 'the digest counts packed messages')
+  t.equal(lazy.account('bé')!.mailbox.warm(), false, 'asking for the digest decoded them')
+  const again = throughFrames(st, true)
+  const copy = ChatState.fromSnapshotChunks(again.snapshotChunks() as Iterable<Record<string, unknown>>)
+  t.equal(copy.digest(), st.digest(), 'a snapshot of a deferred state holds every message')
+})
+
+t.test('warmSome decodes at least one mailbox per call, and says when none is left', async t => {
+  const st = source()
+  const lazy = throughFrames(st, true)
+  let calls = 0
+  while (lazy.warmSome(0)) calls++
+  t.equal(calls + 1, 2, 'two deferred mailboxes, one per call with no time to spare')
+  t.equal(lazy.account('bé')!.mailbox.warm(), false)
+  t.equal(lazy.account('c')!.mailbox.warm(), false)
+  t.equal(lazy.warmSome(0), false, 'nothing left')
+  t.equal(lazy.digest(), st.digest())
+})
