@@ -191,8 +191,12 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
     const mailboxes = loaded.deferredMailboxes
     const warm = (): void => {
       if (shuttingDown || (chain !== null && chain.state !== loaded)) return
-      if (loaded.warmSome(2)) setImmediate(warm)
-      else log('info', 'mailboxes decoded', { mailboxes, ms: Date.now() - since })
+      if (loaded.warmSome(2)) {
+        setImmediate(warm)
+        return
+      }
+      log('info', 'mailboxes decoded', { mailboxes, ms: Date.now() - since })
+      if (loaded.snapshotMismatch !== null) log('error', 'snapshot digest mismatch', { detail: loaded.snapshotMismatch })
     }
     setImmediate(warm)
   }

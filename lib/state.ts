@@ -266,6 +266,13 @@ class MultisetDigest {
   addLanes (x: number, y: number): void { this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
   removeLanes (x: number, y: number): void { this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
   hex (): string { return this.a.toString(16).padStart(8, '0') + this.b.toString(16).padStart(8, '0') }
+  get lanes (): [number, number] { return [this.a, this.b] }
+}
+
+// The two lanes of a digest written by hex().
+function digestLanes (hex: string): [number, number] {
+  assert.match(hex, /^[0-9a-f]{16}$/, 'a digest')
+  return [parseInt(hex.slice(0, 8), 16), parseInt(hex.slice(8), 16)]
 }
 
 const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: { code, message } })
@@ -277,7 +284,7 @@ const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: {
 // written before held the first of them there.
 export type SnapshotMessage = [number, string, string, string, number, 0 | 1] // id, from, to, text, ts, read
 export type SnapshotChunk =
-  | { kind: 'state', version: 1, index: number, lastEpoch: number, lastTs: number }
+  | { kind: 'state', version: 1, index: number, lastEpoch: number, lastTs: number, digest?: string } // digest: of the state (absent in older snapshots)
   | { kind: 'account', name: string, salt: string, hash: string, created: number, messages: SnapshotMessage[] }
   | { kind: 'messages', name: string, messages: SnapshotMessage[] } // the last account's mailbox, in order
   | { kind: 'rids', entries: Array<[string, number, Reply]> }
@@ -343,9 +350,10 @@ export class ChatState {
   private deferred: Account[] = []
   private deferredNext = 0
 
-  // The digest covers every message, so it first decodes any deferred mailbox.
+  // The digest of the state. A state loaded from a snapshot that recorded its digest knows it
+  // before its mailboxes are decoded; one loaded from an older snapshot decodes them first.
   digest (): string {
-    while (this.warmSome(Infinity));
+    if (this.deferredCheck === null) while (this.warmSome(Infinity));
     return this.digestAcc.hex()
   }
 
@@ -538,7 +546,7 @@ export class ChatState {
   // are never changed, so it shares them): it copies the arrays that list them, and the
   // exactly-once table's lanes, which takes milliseconds for a million messages.
   snapshotChunks (): Generator<SnapshotChunk> {
-    const head: SnapshotChunk = { kind: 'state', version: 1, index: this.index, lastEpoch: this.lastEpoch, lastTs: this.lastTs }
+    const head: SnapshotChunk = { kind: 'state', version: 1, index: this.index, lastEpoch: this.lastEpoch, lastTs: this.lastTs, digest: this.digest() }
     const accounts = this.sortedKeys.map(key => {
       const a = this.accounts.get(key)!
       return { ...a, mailbox: a.mailbox.clone() }
@@ -561,9 +569,10 @@ export class ChatState {
         unpackMessages(chunk, (id, from, text, ts, read) => {
           const m: Message = { id, from: name(from), to: a.name, text, ts }
           a.mailbox.add(m, read === 1)
-          this.digestAcc.addMessage(a.key, m, read === 1)
+          ;(this.deferredCheck ?? this.digestAcc).addMessage(a.key, m, read === 1)
         })
       }
+      if (this.deferredCheck !== null && --this.deferredLeft === 0) this.checkDeferred()
     }
     if (!a.mailbox.defer(fill)) {
       fill()
@@ -575,11 +584,32 @@ export class ChatState {
 
   // While a snapshot loads: the mailbox whose packed chunks are being gathered.
   private loading: { account: Account, chunks: Buffer[] } | null = null
+  // When the snapshot recorded its digest, the digest counts the deferred messages from the start
+  // (what the recorded digest has beyond everything loaded at once), and the deferred messages
+  // are hashed here as they are decoded, to be checked against that once the last is decoded.
+  private deferredCheck: MultisetDigest | null = null
+  private deferredWant: [number, number] = [0, 0]
+  private deferredLeft = 0
+  // Set if the deferred messages did not add up to what the snapshot's digest says.
+  snapshotMismatch: string | null = null
+
+  private checkDeferred (): void {
+    const [a, b] = this.deferredCheck!.lanes
+    const [wa, wb] = this.deferredWant
+    this.deferredCheck = null
+    if (a === wa && b === wb) return
+    // The state is what the snapshot holds; let the digest say so, so that it differs from the
+    // peers' if the state does.
+    this.digestAcc.removeLanes(wa, wb)
+    this.digestAcc.addLanes(a, b)
+    this.snapshotMismatch = `the snapshot's messages do not add up to the digest it recorded (state at ${this.index}; digest now ${this.digestAcc.hex()})`
+  }
 
   // Rebuild the state from snapshot chunks, in the order snapshotChunks() produced them.
   static fromSnapshotChunks (chunks: Iterable<Record<string, unknown>>): ChatState {
     const st = new ChatState()
     let sawState = false
+    let recorded: [number, number] | null = null
     // One string per sender's name, shared by all their messages, as in a state built by apply.
     const names = new Map<string, string>()
     const name = (s: string): string => {
@@ -593,6 +623,7 @@ export class ChatState {
       switch (c.kind) {
         case 'state':
           assert.equal(c.version, 1, 'snapshot version')
+          if (c.digest !== undefined) recorded = digestLanes(c.digest)
           st.index = c.index
           st.lastEpoch = c.lastEpoch ?? 0
           st.lastTs = c.lastTs
@@ -628,6 +659,17 @@ export class ChatState {
     }
     st.loading = null
     assert.ok(sawState, 'snapshot has no state chunk')
+    if (recorded !== null) {
+      const [a, b] = st.digestAcc.lanes
+      if (st.deferred.length === 0) {
+        assert.ok(a === recorded[0] && b === recorded[1], `snapshot at ${st.index}: the state it holds does not match the digest it recorded`)
+      } else {
+        st.deferredWant = [(recorded[0] - a) >>> 0, (recorded[1] - b) >>> 0]
+        st.digestAcc.addLanes(...st.deferredWant)
+        st.deferredCheck = new MultisetDigest()
+        st.deferredLeft = st.deferred.length
+      }
+    }
     return st
   }
 }

@@ -61,11 +61,15 @@ t.test('a restart from a snapshot: mailboxes decoded in the background, the same
   await a.req({ op: 'logout' })
   await a.req({ op: 'login', user: 'bob', password: 'pb' })
   t.equal(((await a.req({ op: 'read', limit: 5 })).messages as unknown[]).length, 5)
+  const digest = (await a.req({ op: 'status' })).digest
   a.close()
   t.equal(await s.stop(), 0)
   t.ok(fs.readdirSync(data).some(f => f.endsWith('.snap')), 'a snapshot was written')
 
   s = await startServer(t, { data, args })
+  const first = await RawConn.open(s.port)
+  t.equal((await first.req({ op: 'status' })).digest, digest, 'the same digest, known at once')
+  first.close()
   const line = await waitFor(() => s.stderr().split('\n').find(l => l.includes('"mailboxes decoded"')), 10_000, 'the mailboxes decoded line')
   t.match(JSON.parse(line), { level: 'info', msg: 'mailboxes decoded', mailboxes: 1 }, 'bob\'s mailbox was packed in the snapshot, and decoded after the start')
   a = await RawConn.open(s.port)
@@ -75,6 +79,7 @@ t.test('a restart from a snapshot: mailboxes decoded in the background, the same
   t.same((h.messages as Array<{ text: string }>).map(m => m.text), ['m119', 'm118', 'm117'])
   const r = await a.req({ op: 'read', limit: 2 })
   t.same((r.messages as Array<{ text: string }>).map(m => m.text), ['m5', 'm6'], 'the read marks survived')
+  t.notMatch(s.stderr(), /snapshot digest mismatch/)
 })
 
 t.test('the whole feature list over a raw socket', async t => {

@@ -117,14 +117,51 @@ t.test('added to before it is used: the packed messages still come first, unread
   t.equal(lazy.digest(), whole.digest())
 })
 
-t.test('digest and snapshots decode whatever is still deferred', async t => {
+t.test('the digest recorded in the snapshot: known before any mailbox is decoded, checked once all are', async t => {
   const st = source()
   const lazy = throughFrames(st, true)
-  t.equal(lazy.digest(), st.digest(), 'the digest counts packed messages')
-  t.equal(lazy.account('bé')!.mailbox.warm(), false, 'asking for the digest decoded them')
-  const again = throughFrames(st, true)
-  const copy = ChatState.fromSnapshotChunks(again.snapshotChunks() as Iterable<Record<string, unknown>>)
+  t.equal(lazy.digest(), st.digest(), 'the digest before decoding anything')
+  t.equal(lazy.account('bé')!.mailbox.warm(), true, 'asking for it decoded nothing')
+  while (lazy.warmSome(1));
+  t.equal(lazy.snapshotMismatch, null, 'the decoded messages add up to the recorded digest')
+  t.equal(lazy.digest(), st.digest())
+  const copy = ChatState.fromSnapshotChunks(throughFrames(st, true).snapshotChunks() as Iterable<Record<string, unknown>>)
   t.equal(copy.digest(), st.digest(), 'a snapshot of a deferred state holds every message')
+})
+
+t.test('a snapshot without a recorded digest (older ones): the digest decodes every mailbox first', async t => {
+  const st = source()
+  const chunks = [...st.snapshotChunks()].map(c => {
+    const { digest: _, ...rest } = c as Record<string, unknown>
+    const f = decodeFrame(encodeChunkFrame(rest), 0, limits.snapshotFrameBytesMax, true)
+    return (f as { value: Record<string, unknown> }).value
+  })
+  const lazy = ChatState.fromSnapshotChunks(chunks)
+  t.equal(lazy.digest(), st.digest())
+  t.equal(lazy.account('bé')!.mailbox.warm(), false, 'asking for the digest decoded them')
+  t.equal(lazy.snapshotMismatch, null)
+})
+
+t.test('messages that do not add up to the recorded digest: refused when loaded whole, reported and counted when deferred', async t => {
+  const st = source()
+  // One text changed, same length, checksum made valid again: a fault no CRC catches.
+  const frames = [...st.snapshotChunks()].map(c => encodeChunkFrame(c))
+  const k = frames.findIndex(f => f[8] === 0x02)
+  const at = frames[k].indexOf('m1 ünïcode')
+  frames[k].write('X', at + 1, 'latin1')
+  const zlib = await import('node:zlib')
+  frames[k].writeUInt32LE(zlib.crc32(frames[k].subarray(8)), 4)
+  const read = (packed: boolean): Array<Record<string, unknown>> => frames.map(f => (decodeFrame(f, 0, limits.snapshotFrameBytesMax, packed) as { value: Record<string, unknown> }).value)
+
+  t.throws(() => ChatState.fromSnapshotChunks(read(false)), /does not match the digest it recorded/, 'a whole load refuses it')
+  const lazy = ChatState.fromSnapshotChunks(read(true))
+  t.equal(lazy.digest(), st.digest(), 'deferred: the recorded digest, until the messages are decoded')
+  while (lazy.warmSome(1));
+  t.match(lazy.snapshotMismatch, /do not add up to the digest it recorded/)
+  const held = ChatState.fromSnapshotChunks(read(false).map(c => c.kind === 'state' ? { ...c, digest: undefined } : c))
+  t.not(held.digest(), st.digest())
+  t.equal(lazy.digest(), held.digest(), 'then the digest of what it does hold, so that it differs from the peers\' too')
+  t.ok(lazy.account('bé')!.mailbox.newest(3000).some(m => m.text.startsWith('mX ')), 'the changed text is what it holds')
 })
 
 t.test('warmSome decodes at least one mailbox per call, and says when none is left', async t => {
