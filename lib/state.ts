@@ -50,11 +50,14 @@ export interface Applied {
 // are never changed once made, so replies, pushes and the exactly-once table share them.
 //
 // A mailbox loaded from a snapshot starts deferred (see defer): the snapshot's messages for it
-// are decoded the first time it is used, not at start-up. Adding does not count as a use: what
-// is added comes after everything deferred, so it waits in the arrays meanwhile.
+// are decoded the first time it is used, or a part at a time in the background (warmStep), not
+// at start-up. Adding does not count as a use: what is added comes after everything deferred,
+// so it waits in the arrays meanwhile.
 export class Mailbox {
   private unreadHead = 0
-  private deferred: (() => void) | null = null
+  // Deferred messages: `next` decodes the next part of them into `early`, and says whether any
+  // part is left; once none is, they go in front of whatever was added meanwhile.
+  private deferred: { next: (into: Mailbox) => boolean, early: Mailbox } | null = null
 
   constructor (
     private ids: number[] = [],
@@ -72,29 +75,38 @@ export class Mailbox {
     if (!read) this.unread.push(m.id)
   }
 
-  // Leave the messages before any added from now on to `fill`, which adds them (in order, with
-  // add) when the mailbox is first used or warm() is called.
-  // Only a new, empty mailbox can be deferred: false otherwise.
-  defer (fill: () => void): boolean {
+  // Leave the messages before any added from now on to `next`, which adds them to the mailbox it
+  // is given (with add, in order) a part at a time, and returns true while parts are left. Only
+  // a new, empty mailbox can be deferred: false otherwise.
+  defer (next: (into: Mailbox) => boolean): boolean {
     if (this.ids.length > 0 || this.deferred !== null) return false
-    this.deferred = fill
+    this.deferred = { next, early: new Mailbox() }
     return true
   }
 
-  // Decode the deferred messages now, if there are any; true if there were.
-  warm (): boolean {
-    const fill = this.deferred
-    if (fill === null) return false
+  get isDeferred (): boolean { return this.deferred !== null }
+
+  // Decode the next part of the deferred messages; true while some are still deferred.
+  warmStep (): boolean {
+    const d = this.deferred
+    if (d === null) return false
+    if (d.next(d.early)) return true
     this.deferred = null
-    // Added meanwhile: later than every deferred message. Nothing was read or removed, since
-    // either would have warmed the mailbox first, so the unread ids start at 0.
-    const { messages, unread } = this
-    this.ids = []
-    this.messages = []
-    this.unread = []
-    fill()
-    for (const m of messages) this.add(m, true) // their unread marks follow, in order
-    for (const id of unread) this.unread.push(id)
+    // Those added meanwhile are later than every deferred message. Nothing was read or removed,
+    // since either would have decoded the mailbox first, so the unread ids start at 0.
+    const e = d.early
+    for (const m of this.messages) e.add(m, true) // their unread marks follow, in order
+    for (const id of this.unread) e.unread.push(id)
+    this.ids = e.ids
+    this.messages = e.messages
+    this.unread = e.unread
+    return false
+  }
+
+  // Decode all the deferred messages now; true if there were any.
+  warm (): boolean {
+    if (this.deferred === null) return false
+    while (this.warmStep());
     return true
   }
 
@@ -360,13 +372,19 @@ export class ChatState {
   // Mailboxes that may still be deferred (some may have been used, and decoded, since).
   get deferredMailboxes (): number { return this.deferred.length - this.deferredNext }
 
-  // Decode deferred mailboxes for about `ms` milliseconds (at least one); true while some remain.
+  // Decode deferred mailboxes for about `ms` milliseconds, a chunk of up to 1,000 messages at a
+  // time (at least one); true while some remain.
   // The server calls this between other work after a start from a snapshot, so that mailboxes
   // are not decoded in the middle of a request, and the snapshot's memory is let go.
   warmSome (ms: number): boolean {
     const until = performance.now() + ms
     while (this.deferredNext < this.deferred.length) {
-      this.deferred[this.deferredNext++].mailbox.warm()
+      const mailbox = this.deferred[this.deferredNext].mailbox
+      if (!mailbox.isDeferred) { // decoded on use meanwhile
+        this.deferredNext++
+        continue
+      }
+      if (!mailbox.warmStep()) this.deferredNext++
       if (performance.now() >= until) break
     }
     if (this.deferredNext < this.deferred.length) return true
@@ -555,27 +573,27 @@ export class ChatState {
   }
 
   // Add a packed messages chunk (storage/framing.ts) to a's mailbox, to be decoded and counted
-  // in the digest when the mailbox is first used (or by warmSome). A mailbox's consecutive
-  // chunks are decoded together. A mailbox that already holds messages decodes the chunk now.
-  // name: one string per sender's name, shared.
+  // in the digest when the mailbox is first used, or a chunk at a time by warmSome. A mailbox
+  // that already holds messages decodes the chunk now. name: one string per sender's name, shared.
   private deferMessages (a: Account, packed: Buffer, name: (s: string) => string): void {
     if (this.loading?.account === a) {
       this.loading.chunks.push(packed)
       return
     }
     const chunks = [packed]
-    const fill = (): void => {
-      for (const chunk of chunks) {
-        unpackMessages(chunk, (id, from, text, ts, read) => {
-          const m: Message = { id, from: name(from), to: a.name, text, ts }
-          a.mailbox.add(m, read === 1)
-          ;(this.deferredCheck ?? this.digestAcc).addMessage(a.key, m, read === 1)
-        })
-      }
+    let k = 0
+    const next = (into: Mailbox): boolean => {
+      unpackMessages(chunks[k++], (id, from, text, ts, read) => {
+        const m: Message = { id, from: name(from), to: a.name, text, ts }
+        into.add(m, read === 1)
+        ;(this.deferredCheck ?? this.digestAcc).addMessage(a.key, m, read === 1)
+      })
+      if (k < chunks.length) return true
       if (this.deferredCheck !== null && --this.deferredLeft === 0) this.checkDeferred()
+      return false
     }
-    if (!a.mailbox.defer(fill)) {
-      fill()
+    if (!a.mailbox.defer(next)) {
+      while (next(a.mailbox));
       return
     }
     this.loading = { account: a, chunks }

@@ -164,14 +164,35 @@ t.test('messages that do not add up to the recorded digest: refused when loaded 
   t.ok(lazy.account('bé')!.mailbox.newest(3000).some(m => m.text.startsWith('mX ')), 'the changed text is what it holds')
 })
 
-t.test('warmSome decodes at least one mailbox per call, and says when none is left', async t => {
+t.test('warmSome decodes a chunk per call at least, and says when none is left; a send between chunks waits behind them', async t => {
   const st = source()
   const lazy = throughFrames(st, true)
-  let calls = 0
-  while (lazy.warmSome(0)) calls++
-  t.equal(calls + 1, 2, 'two deferred mailboxes, one per call with no time to spare')
+  const whole = throughFrames(st, false)
+  // bé's mailbox is two chunks (1,000 + 840 messages), c's one.
+  t.equal(lazy.warmSome(0), true, 'the first of bé\'s chunks')
+  t.equal(lazy.deferredMailboxes, 2, 'bé is still deferred')
+  for (const s of [lazy, whole]) feeder(s)({ op: 'send', from: 'a', to: 'bé', text: 'between' })
+  t.equal(lazy.warmSome(0), true, 'the second; c is left')
+  t.equal(lazy.deferredMailboxes, 1)
+  t.equal(lazy.warmSome(0), false, 'c, and none is left')
+  t.equal(lazy.deferredMailboxes, 0)
   t.equal(lazy.account('bé')!.mailbox.warm(), false)
   t.equal(lazy.account('c')!.mailbox.warm(), false)
   t.equal(lazy.warmSome(0), false, 'nothing left')
-  t.equal(lazy.digest(), st.digest())
+  for (const name of ['bé', 'c']) t.same([...lazy.account(name)!.mailbox.entries()], [...whole.account(name)!.mailbox.entries()], name)
+  t.equal(lazy.snapshotMismatch, null)
+  t.equal(lazy.digest(), whole.digest())
+})
+
+t.test('used between chunks: the rest is decoded at once', async t => {
+  const st = source()
+  const lazy = throughFrames(st, true)
+  const whole = throughFrames(st, false)
+  t.equal(lazy.warmSome(0), true)
+  t.same(texts(lazy.account('bé')!.mailbox.oldestUnread(3)), texts(whole.account('bé')!.mailbox.oldestUnread(3)))
+  t.same(texts(lazy.account('bé')!.mailbox.newest(3)), texts(whole.account('bé')!.mailbox.newest(3)))
+  t.equal(lazy.account('bé')!.mailbox.warm(), false, 'bé is whole')
+  t.equal(lazy.warmSome(0), false, 'c, the last')
+  t.equal(lazy.digest(), whole.digest())
+  t.equal(lazy.snapshotMismatch, null)
 })
