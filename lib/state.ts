@@ -361,6 +361,7 @@ export class ChatState {
   // Accounts whose mailbox may still be deferred (loaded packed from a snapshot), for warmSome.
   private deferred: Account[] = []
   private deferredNext = 0
+  private undecoded = 0 // of them, not decoded yet
 
   // The digest of the state. A state loaded from a snapshot that recorded its digest knows it
   // before its mailboxes are decoded; one loaded from an older snapshot decodes them first.
@@ -369,8 +370,8 @@ export class ChatState {
     return this.digestAcc.hex()
   }
 
-  // Mailboxes that may still be deferred (some may have been used, and decoded, since).
-  get deferredMailboxes (): number { return this.deferred.length - this.deferredNext }
+  // Mailboxes still deferred.
+  get deferredMailboxes (): number { return this.undecoded }
 
   // Decode deferred mailboxes for about `ms` milliseconds, a chunk of up to 1,000 messages at a
   // time (at least one); true while some remain.
@@ -589,6 +590,7 @@ export class ChatState {
         ;(this.deferredCheck ?? this.digestAcc).addMessage(a.key, m, read === 1)
       })
       if (k < chunks.length) return true
+      this.undecoded--
       if (this.deferredCheck !== null && --this.deferredLeft === 0) this.checkDeferred()
       return false
     }
@@ -598,6 +600,7 @@ export class ChatState {
     }
     this.loading = { account: a, chunks }
     this.deferred.push(a)
+    this.undecoded++
   }
 
   // While a snapshot loads: the mailbox whose packed chunks are being gathered.

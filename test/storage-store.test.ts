@@ -392,6 +392,45 @@ t.test('background snapshots: a failed write leaves the log whole and retries a 
   t.same(stateView(back.state), stateView(replayed(20)), 'everything recovers from the snapshot at 10 and the log')
 })
 
+t.test('background snapshots after a start from a snapshot: a due one first decodes the mailboxes left packed, a slice per write', async t => {
+  const dir = tempDir(t, 'store')
+  const first = openStore({ dir, snapshotEveryRecords: 35 })
+  drive(first.store, first.store.recover().state, 1, 35)
+  first.store.close()
+  // warmSliceMs 0: each due write decodes one chunk (here, one mailbox), so the wait shows write
+  // by write. Only sends after the start: they do not decode the mailbox they go to.
+  const { store, infos } = openStore({ dir, snapshotEveryRecords: 10, backgroundSnapshots: true, warmSliceMs: 0 })
+  t.teardown(() => store.close())
+  const { state, snapshotIndex } = store.recover()
+  t.equal(snapshotIndex, 35)
+  t.equal(state.index, 35, 'nothing to replay: no mailbox used before the writes below')
+  const expected = replayed(35)
+  const send = (i: number): void => {
+    const r = { op: 'send', from: 'carol', to: i % 2 ? 'alice' : 'bob', text: `late ${i}`, i, e: 0, ts: 1_800_000_000_000 + i } as const
+    store.append(batch([r]))
+    state.apply(r)
+    expected.apply(r)
+    store.maybeSnapshot(state)
+  }
+  t.equal(state.deferredMailboxes, 3, 'alice, bob and carol left packed')
+  for (let i = 36; i <= 44; i++) send(i)
+  t.equal(state.deferredMailboxes, 3, 'not due yet: nothing decoded')
+  send(45)
+  t.equal(state.deferredMailboxes, 2, 'due: one mailbox decoded')
+  send(46)
+  t.equal(state.deferredMailboxes, 1, 'still due: another')
+  t.notOk(listed(dir).some(f => f.endsWith('.tmp')), 'no snapshot started while any is left')
+  send(47)
+  t.equal(state.deferredMailboxes, 0)
+  t.ok(listed(dir).includes(snapName(47) + '.tmp'), 'the last one decoded, the snapshot starts')
+  await waitFor(() => infos.some(i => i.msg === 'snapshot written'), 5000, 'the snapshot')
+  t.equal(state.digest(), expected.digest())
+  store.close()
+  const back = reopen(t, dir)
+  t.equal(back.snapshotIndex, 47)
+  t.same(stateView(back.state), stateView(expected))
+})
+
 t.test('FORMAT: written at the first recovery; a newer format, or a line that is not one, is refused', async t => {
   const dir = tempDir(t, 'store')
   const file = path.join(dir, 'FORMAT')

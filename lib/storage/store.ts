@@ -24,6 +24,9 @@ export interface StoreOptions {
   // Extend the open log segment with zeros this far ahead of its records (see log.ts); 0, the
   // default, writes plain appends.
   preallocateBytes?: number
+  // How long a due background snapshot spends decoding a state's deferred mailboxes before it
+  // waits for a later write (see maybeSnapshot); default 2 ms, and at least one chunk.
+  warmSliceMs?: number
 }
 
 export interface Recovered {
@@ -47,6 +50,7 @@ export class Store {
   private retryAfterIndex = 0 // after a failed snapshot, wait a full interval before the next try
   private readonly background: boolean
   private writing: { cancelled: boolean } | null = null // a snapshot being written in slices
+  private readonly warmSliceMs: number
 
   constructor (opts: StoreOptions) {
     this.dir = opts.dir
@@ -56,6 +60,7 @@ export class Store {
     this.everyRecords = opts.snapshotEveryRecords ?? limits.snapshotEveryRecords
     this.everyBytes = opts.snapshotEveryBytes ?? limits.snapshotEveryBytes
     this.background = opts.backgroundSnapshots ?? false
+    this.warmSliceMs = opts.warmSliceMs ?? 2
     fs.mkdirSync(this.dir, { recursive: true })
     this.log = new SegmentLog(this.dir, this.files, this.warn, opts.preallocateBytes ?? 0)
   }
@@ -112,10 +117,16 @@ export class Store {
   // Take a snapshot if enough has been written since the last one. The state must be at or
   // behind the log's end. Snapshot failures are logged and retried later: the log still holds
   // everything, so no data is at risk.
+  //
+  // A state started from a snapshot may still hold mailboxes not yet decoded (state.ts,
+  // Mailbox.defer), and a background snapshot's copy would decode them all at once (about a
+  // second for a million messages). So while any is left, a due snapshot decodes a slice of them
+  // instead and waits for a later write.
   maybeSnapshot (state: ChatState): void {
     if (this.writing) return
     if (state.index - this.snapshotIndex < this.everyRecords && this.bytesSinceSnapshot < this.everyBytes) return
     if (state.index < this.retryAfterIndex) return
+    if (this.background && state.warmSome(this.warmSliceMs)) return
     if (this.background) this.snapshotInSlices(state)
     else this.snapshot(state)
   }
