@@ -591,16 +591,16 @@ export class ChatState {
       })
       if (k < chunks.length) return true
       this.undecoded--
-      if (this.deferredCheck !== null && --this.deferredLeft === 0) this.checkDeferred()
+      if (this.deferredCheck !== null && this.undecoded === 0) this.checkDeferred()
       return false
     }
+    this.undecoded++ // next counts it down once it has decoded the last chunk
     if (!a.mailbox.defer(next)) {
       while (next(a.mailbox));
       return
     }
     this.loading = { account: a, chunks }
     this.deferred.push(a)
-    this.undecoded++
   }
 
   // While a snapshot loads: the mailbox whose packed chunks are being gathered.
@@ -610,7 +610,6 @@ export class ChatState {
   // are hashed here as they are decoded, to be checked against that once the last is decoded.
   private deferredCheck: MultisetDigest | null = null
   private deferredWant: [number, number] = [0, 0]
-  private deferredLeft = 0
   // Set if the deferred messages did not add up to what the snapshot's digest says.
   snapshotMismatch: string | null = null
 
@@ -687,8 +686,7 @@ export class ChatState {
       } else {
         st.deferredWant = [(recorded[0] - a) >>> 0, (recorded[1] - b) >>> 0]
         st.digestAcc.addLanes(...st.deferredWant)
-        st.deferredCheck = new MultisetDigest()
-        st.deferredLeft = st.deferred.length
+        st.deferredCheck = new MultisetDigest() // checked once `undecoded` comes down to 0
       }
     }
     return st

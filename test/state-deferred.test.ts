@@ -196,3 +196,22 @@ t.test('used between chunks: the rest is decoded at once', async t => {
   t.equal(lazy.digest(), whole.digest())
   t.equal(lazy.snapshotMismatch, null)
 })
+
+t.test('a packed chunk for a mailbox that already holds messages is decoded at once, and not counted as deferred', async t => {
+  const st = source()
+  const whole = throughFrames(st, false)
+  let seen = 0
+  // bé's first messages chunk loaded whole, its second packed: the second cannot wait behind it.
+  const chunks = [...st.snapshotChunks()].map(c => {
+    const packed = !(c.kind === 'messages' && c.name === 'Bé' && seen++ === 0)
+    return (decodeFrame(encodeChunkFrame(c), 0, limits.snapshotFrameBytesMax, packed) as { value: Record<string, unknown> }).value
+  })
+  const lazy = ChatState.fromSnapshotChunks(chunks)
+  t.equal(lazy.deferredMailboxes, 1, 'only c is deferred')
+  t.equal(lazy.account('bé')!.mailbox.warm(), false, 'bé was decoded at once')
+  t.same([...lazy.account('bé')!.mailbox.entries()], [...whole.account('bé')!.mailbox.entries()])
+  t.equal(lazy.warmSome(0), false, 'c, the last')
+  t.equal(lazy.deferredMailboxes, 0)
+  t.equal(lazy.snapshotMismatch, null, 'the check ran when c was done, and passed')
+  t.equal(lazy.digest(), st.digest())
+})
