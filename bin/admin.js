@@ -1,7 +1,6 @@
 #!/usr/bin/env node
 // chainchat-admin: operator commands that speak the authenticated peer protocol.
-import { register } from 'tsx/esm/api'
+import { load } from './load.js'
 
-register()
-const { main } = await import('../lib/main/admin.ts')
+const { main } = await load('admin')
 await main(process.argv.slice(2))

@@ -1,7 +1,6 @@
 #!/usr/bin/env node
 // The interactive chainchat client.
-import { register } from 'tsx/esm/api'
+import { load } from './load.js'
 
-register()
-const { main } = await import('../lib/main/chat.ts')
+const { main } = await load('chat')
 await main(process.argv.slice(2))

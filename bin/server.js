@@ -1,7 +1,6 @@
 #!/usr/bin/env node
 // Runs one chainchat server in this very process (no wrapper), so its PID is the server's.
-import { register } from 'tsx/esm/api'
+import { load } from './load.js'
 
-register()
-const { main } = await import('../lib/main/server.ts')
+const { main } = await load('server')
 await main(process.argv.slice(2))

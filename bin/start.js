@@ -1,7 +1,6 @@
 #!/usr/bin/env node
 // `npm start`: a local three-server chain for development (lib/main/start.ts).
-import { register } from 'tsx/esm/api'
+import { load } from './load.js'
 
-register()
-const { main } = await import('../lib/main/start.ts')
+const { main } = await load('start')
 await main(process.argv.slice(2))

@@ -1,7 +1,6 @@
 #!/usr/bin/env node
 // chainchat-status: every member of a chain at a glance, and whether the chain is healthy.
-import { register } from 'tsx/esm/api'
+import { load } from './load.js'
 
-register()
-const { main } = await import('../lib/main/status.ts')
+const { main } = await load('status')
 await main(process.argv.slice(2))

@@ -30,6 +30,7 @@ export interface NodeOptions {
   log: LogFn
   files?: FileOps
   onFatal: (e: Error) => void
+  code?: string // where the running code was loaded from, for the log ('lib' or 'build')
 }
 
 const peerHelloPrefix = '{"op":"peer_hello"'
@@ -200,7 +201,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
     }
     setImmediate(warm)
   }
-  log('info', 'started', { listen: nodeName, dir, mode: chain ? 'chain' : 'single', index: recovered.state.index, peers: config.peers, join: config.join })
+  log('info', 'started', { listen: nodeName, dir, mode: chain ? 'chain' : 'single', index: recovered.state.index, peers: config.peers, join: config.join, code: opts.code })
 
   let stopping: Promise<void> | null = null
   const shutdown = (reason: string): Promise<void> => {

@@ -25,7 +25,9 @@ export async function main (argv: string[]): Promise<void> {
   }
   let node
   try {
-    node = await startNode(config, { log, onFatal: fatal })
+    // Which code runs: lib/ itself (through tsx), or its compiled build (bin/load.js).
+    const code = import.meta.url.endsWith('.ts') ? 'lib' : 'build'
+    node = await startNode(config, { log, onFatal: fatal, code })
   } catch (e) {
     const err = e as Error
     const known = err instanceof DataDirLockedError || err.name === 'CorruptLogError' || err.name === 'CorruptSnapshotError' || err.name === 'DataFormatError' || (err as NodeJS.ErrnoException).code === 'EADDRINUSE'

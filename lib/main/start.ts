@@ -14,7 +14,9 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { UsageError, flagsOrExit } from '../config.ts'
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
+// The project's root: two levels above lib/main/, or one above build/ when run compiled (bin/load.js).
+const here = path.dirname(fileURLToPath(import.meta.url))
+const root = path.basename(here) === 'build' ? path.dirname(here) : path.resolve(here, '../..')
 const serverBin = path.join(root, 'bin/server.js')
 const chatBin = path.join(root, 'bin/chat.js')
 const host = '127.0.0.1'

@@ -41,12 +41,14 @@ export interface SpawnOptions {
   args?: string[]
   env?: Record<string, string>
   readyTimeoutMs?: number
+  // What node runs in place of bin/server.js (a script and any arguments before the server's).
+  script?: string[]
 }
 
 // Start `node bin/server.js` and resolve once it printed its readiness line.
 export async function startServer (t: Teardown, opts: SpawnOptions): Promise<ServerProc> {
   const host = opts.host ?? '127.0.0.1'
-  const argv = [path.join(root, 'bin/server.js'), '--port', String(opts.port ?? 0), '--host', host, '--data', opts.data, ...(opts.args ?? [])]
+  const argv = [...(opts.script ?? [path.join(root, 'bin/server.js')]), '--port', String(opts.port ?? 0), '--host', host, '--data', opts.data, ...(opts.args ?? [])]
   const proc = spawn(process.execPath, argv, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } })
   live.add(proc)
   // A clean stop at the end lets the server write its coverage; a stuck one is killed.
