@@ -24,6 +24,12 @@ t.test('the executable: readiness line, flags, signals', async t => {
   const second = await runServer(['--port', '0', '--data', data])
   t.equal(second.code, 1, 'a second server on the same data directory exits non-zero')
   t.match(second.stderr, /in use by another server \(pid \d+\)/, 'with a clear error')
+  if (fs.existsSync('/proc/self')) {
+    // mkdir there fails with ENOENT though /proc exists; Node's recursive mkdir would spin forever.
+    const unmakeable = await runServer(['--port', '0', '--data', '/proc/chainchat-no-such/data'])
+    t.equal(unmakeable.code, 1, 'a data directory that cannot be made exits 1')
+    t.match(unmakeable.stderr, /ENOENT.*mkdir/, 'saying why')
+  }
 
   const c = await RawConn.open(s.port)
   t.same(await c.req({ op: 'ping', id: 1 }), { ok: true, id: 1 })

@@ -5,7 +5,7 @@ import { Store, type StoreOptions } from '../lib/storage/store.ts'
 import { segmentName } from '../lib/storage/log.ts'
 import { CorruptSnapshotError, writeSnapshot } from '../lib/storage/snapshot.ts'
 import { encodeRecordFrame } from '../lib/storage/framing.ts'
-import { realFiles } from '../lib/storage/files.ts'
+import { realFiles, makeDirs } from '../lib/storage/files.ts'
 import { DataFormatError, dataFormat } from '../lib/storage/format.ts'
 import { ChatState } from '../lib/state.ts'
 import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles, stateView } from './helpers/storage.ts'
@@ -456,4 +456,20 @@ t.test('FORMAT: written at the first recovery; a newer format, or a line that is
     const after = fs.readdirSync(dir)
     t.ok(after.length === before.size && after.every(f => fs.readFileSync(path.join(dir, f)).equals(before.get(f)!)), 'nothing in the directory changed')
   }
+})
+
+t.test('makeDirs: creates missing parents, accepts a directory that exists, refuses a file in the way', async t => {
+  const dir = tempDir(t)
+  const deep = path.join(dir, 'a', 'b', 'c')
+  makeDirs(deep)
+  t.ok(fs.statSync(deep).isDirectory(), 'every missing level is made')
+  makeDirs(deep)
+  t.ok(fs.statSync(deep).isDirectory(), 'a directory that exists is fine')
+  fs.writeFileSync(path.join(dir, 'file'), 'x')
+  t.match(thrown(() => makeDirs(path.join(dir, 'file'))), { code: 'EEXIST' }, 'a file where the directory goes')
+  t.match(thrown(() => makeDirs(path.join(dir, 'file', 'below'))), { code: 'ENOTDIR' }, 'a file where a parent goes')
+  // Where mkdir says ENOENT though the parent exists, fs.mkdirSync's recursive mode never returns.
+  if (fs.existsSync('/proc/self')) t.match(thrown(() => makeDirs('/proc/chainchat-no-such/data')), { code: 'ENOENT' }, 'under /proc: ENOENT, at once')
+  new Store({ dir: path.join(dir, 'x', 'y') }).close()
+  t.ok(fs.statSync(path.join(dir, 'x', 'y')).isDirectory(), 'a store makes its directory')
 })

@@ -2,6 +2,7 @@
 // (a full disk, a failed fsync) without touching the real file system's behaviour otherwise.
 
 import fs from 'node:fs'
+import path from 'node:path'
 
 export interface FileOps {
   openSync: typeof fs.openSync
@@ -68,4 +69,23 @@ export function replaceFileDurably (files: FileOps, dir: string, file: string, d
   }
   files.renameSync(tmp, file)
   fsyncDir(files, dir)
+}
+
+// Create a directory and any parents it lacks, as `mkdir -p` does. Not fs.mkdirSync's recursive
+// mode: where mkdir fails with ENOENT though the parent exists (under /proc, for one), Node 20's
+// retries forever, at full CPU and deaf to signals; this throws that ENOENT.
+export function makeDirs (dir: string): void {
+  try {
+    fs.mkdirSync(dir)
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code
+    if (code === 'EEXIST') {
+      if (!fs.statSync(dir).isDirectory()) throw e
+      return
+    }
+    const parent = path.dirname(dir)
+    if (code !== 'ENOENT' || parent === dir) throw e
+    makeDirs(parent)
+    fs.mkdirSync(dir) // an ENOENT now is not a missing parent: it is thrown
+  }
 }

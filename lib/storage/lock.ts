@@ -6,6 +6,7 @@
 import fs from 'node:fs'
 import path from 'node:path'
 import lockfile from 'proper-lockfile'
+import { makeDirs } from './files.ts'
 
 export class DataDirLockedError extends Error {
   constructor (readonly dir: string, readonly pid: number | null) {
@@ -40,7 +41,7 @@ function readOwner (file: string): number | null {
 // Take the lock. Resolves with a release function; onCompromised fires if the lock is lost
 // while held (its directory removed or taken over), which the server treats as fatal.
 export async function lockDataDir (dir: string, onCompromised: (e: Error) => void): Promise<() => Promise<void>> {
-  fs.mkdirSync(dir, { recursive: true })
+  makeDirs(dir)
   const lockPath = path.join(dir, 'LOCK')
   const ownerPath = path.join(dir, 'LOCK.owner')
   const opts = { realpath: false, lockfilePath: lockPath, stale: 10_000, update: 2_000, onCompromised }

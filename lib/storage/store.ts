@@ -1,12 +1,11 @@
 // A server's data directory: the lock, the log, snapshots, and the policy that ties them
 // together (recover on open, snapshot every N records or M bytes, then drop the covered log).
 
-import fs from 'node:fs'
 import { ChatState } from '../state.ts'
 import type { LogRecord } from '../records.ts'
 import { SegmentLog, type Warn } from './log.ts'
 import { writeSnapshot, writeSnapshotInSlices, openNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
-import { type FileOps, realFiles } from './files.ts'
+import { type FileOps, realFiles, makeDirs } from './files.ts'
 import { checkFormat } from './format.ts'
 import { limits } from '../limits.ts'
 import type { ChatError } from '../errors.ts'
@@ -61,7 +60,7 @@ export class Store {
     this.everyBytes = opts.snapshotEveryBytes ?? limits.snapshotEveryBytes
     this.background = opts.backgroundSnapshots ?? false
     this.warmSliceMs = opts.warmSliceMs ?? 2
-    fs.mkdirSync(this.dir, { recursive: true })
+    makeDirs(this.dir)
     this.log = new SegmentLog(this.dir, this.files, this.warn, opts.preallocateBytes ?? 0)
   }
 
