@@ -4,7 +4,7 @@
 // when every source file it was made from is unchanged, by the hashes in its manifest. Otherwise
 // (an edit since the last build, no build at all, or CHAINCHAT_FROM_SOURCE=1) they load lib/
 // through tsx's register API, which compiles each module as it is first imported, on a loader
-// thread. The build starts a server in about 0.13 s where tsx takes about 0.35 s.
+// thread. From the build a server is ready in about 0.12 s; through tsx, in about 0.3 s.
 
 import fs from 'node:fs'
 import path from 'node:path'
