@@ -52,12 +52,14 @@ export interface Applied {
 // A mailbox loaded from a snapshot starts deferred (see defer): the snapshot's messages for it
 // are decoded the first time it is used, or a part at a time in the background (warmStep), not
 // at start-up. Adding does not count as a use: what is added comes after everything deferred,
-// so it waits in the arrays meanwhile.
+// so it waits in the arrays meanwhile. Nor do the counts (size, unreadCount; a login asks for
+// the unread count): the snapshot's chunks say how many messages they hold, and how many unread.
 export class Mailbox {
   private unreadHead = 0
   // Deferred messages: `next` decodes the next part of them into `early`, and says whether any
-  // part is left; once none is, they go in front of whatever was added meanwhile.
-  private deferred: { next: (into: Mailbox) => boolean, early: Mailbox } | null = null
+  // part is left; once none is, they go in front of whatever was added meanwhile. `count` and
+  // `unread` say how many there are in all, and how many of them unread.
+  private deferred: { next: (into: Mailbox) => boolean, early: Mailbox, count: number, unread: number } | null = null
 
   constructor (
     private ids: number[] = [],
@@ -65,8 +67,9 @@ export class Mailbox {
     private unread: number[] = []
   ) {}
 
-  get size (): number { this.warm(); return this.ids.length }
-  get unreadCount (): number { this.warm(); return this.unread.length - this.unreadHead }
+  // While messages are deferred, nothing has been read or removed (either decodes them first).
+  get size (): number { return this.ids.length + (this.deferred?.count ?? 0) }
+  get unreadCount (): number { return this.unread.length - this.unreadHead + (this.deferred?.unread ?? 0) }
 
   add (m: Message, read: boolean): void {
     if (this.ids.length > 0 && this.ids[this.ids.length - 1] >= m.id) assert.fail('message ids must grow')
@@ -76,12 +79,22 @@ export class Mailbox {
   }
 
   // Leave the messages before any added from now on to `next`, which adds them to the mailbox it
-  // is given (with add, in order) a part at a time, and returns true while parts are left. Only
-  // a new, empty mailbox can be deferred: false otherwise.
-  defer (next: (into: Mailbox) => boolean): boolean {
+  // is given (with add, in order) a part at a time, and returns true while parts are left;
+  // `count` of them, `unread` of those unread. Only a new, empty mailbox can be deferred: false
+  // otherwise.
+  defer (next: (into: Mailbox) => boolean, count: number, unread: number): boolean {
     if (this.ids.length > 0 || this.deferred !== null) return false
-    this.deferred = { next, early: new Mailbox() }
+    this.deferred = { next, early: new Mailbox(), count, unread }
     return true
+  }
+
+  // `next` turns out to hold `count` more messages, `unread` of them unread (the snapshot had
+  // more chunks for this mailbox). Only before anything has been decoded or added.
+  deferMore (count: number, unread: number): void {
+    const d = this.deferred
+    assert.ok(d !== null && d.early.ids.length === 0 && this.ids.length === 0, 'deferMore on a mailbox in use')
+    d.count += count
+    d.unread += unread
   }
 
   get isDeferred (): boolean { return this.deferred !== null }
@@ -302,7 +315,7 @@ export type SnapshotChunk =
   | { kind: 'rids', entries: Array<[string, number, Reply]> }
 // A messages chunk as a snapshot file is read at start-up: checked, but still in binary, for the
 // mailbox to decode when first used (storage/framing.ts, unpackMessages).
-type PackedMessagesChunk = { kind: 'messages', name: string, packed: Buffer }
+type PackedMessagesChunk = { kind: 'messages', name: string, packed: Buffer, count: number, unread: number }
 // A messages or rids chunk cut in two, in order, for a chunk too big to send or store whole
 // (texts of up to textBytesMax make 1,000 messages several megabytes); null if it holds fewer
 // than two entries.
@@ -576,9 +589,11 @@ export class ChatState {
   // Add a packed messages chunk (storage/framing.ts) to a's mailbox, to be decoded and counted
   // in the digest when the mailbox is first used, or a chunk at a time by warmSome. A mailbox
   // that already holds messages decodes the chunk now. name: one string per sender's name, shared.
-  private deferMessages (a: Account, packed: Buffer, name: (s: string) => string): void {
+  private deferMessages (a: Account, c: PackedMessagesChunk, name: (s: string) => string): void {
+    const packed = c.packed
     if (this.loading?.account === a) {
       this.loading.chunks.push(packed)
+      a.mailbox.deferMore(c.count, c.unread)
       return
     }
     const chunks = [packed]
@@ -595,7 +610,7 @@ export class ChatState {
       return false
     }
     this.undecoded++ // next counts it down once it has decoded the last chunk
-    if (!a.mailbox.defer(next)) {
+    if (!a.mailbox.defer(next, c.count, c.unread)) {
       while (next(a.mailbox));
       return
     }
@@ -659,7 +674,7 @@ export class ChatState {
           }
           assert.ok(a, `messages for unknown account ${c.name}`)
           if ('packed' in c) {
-            st.deferMessages(a, c.packed, name)
+            st.deferMessages(a, c, name)
             break
           }
           st.loading = null // a later packed chunk must not join the ones deferred before these

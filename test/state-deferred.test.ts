@@ -61,6 +61,41 @@ t.test('packed frames: messages chunks stay binary until used, and decode to wha
   t.equal(m.to, lazy.account('bé')!.name, 'to is the owner\'s name')
 })
 
+t.test('a deferred mailbox tells its size and unread count without being decoded', async t => {
+  const st = source()
+  const whole = throughFrames(st, false)
+  const lazy = throughFrames(st, true)
+  const chunk = [...st.snapshotChunks()].find(c => c.kind === 'messages')! as { messages: Array<[number, string, string, string, number, 0 | 1]> }
+  const value = (decodeFrame(encodeChunkFrame(chunk), 0, limits.snapshotFrameBytesMax, true) as { value: Record<string, unknown> }).value
+  t.equal(value.count, 1000, 'a packed chunk says how many messages it holds')
+  const unread = chunk.messages.filter(m => m[5] === 0).length
+  t.ok(unread > 0 && unread < 1000, 'bé\'s first chunk holds read and unread messages')
+  t.equal(value.unread, unread, 'and how many of them unread')
+  for (const name of ['a', 'bé', 'c', 'd']) {
+    const box = lazy.account(name)!.mailbox
+    t.equal(box.size, whole.account(name)!.mailbox.size, `${name}: size`)
+    t.equal(box.unreadCount, whole.account(name)!.mailbox.unreadCount, `${name}: unread count`)
+  }
+  t.ok(lazy.account('bé')!.mailbox.isDeferred && lazy.account('c')!.mailbox.isDeferred, 'still packed: counting decoded nothing')
+  t.equal(lazy.deferredMailboxes, 2)
+  // Sends meanwhile count too; one decode step (a chunk of bé's) changes no count.
+  const apply = feeder(lazy)
+  const applyWhole = feeder(whole)
+  for (const to of ['bé', 'c', 'd']) {
+    apply({ op: 'send', from: 'a', to, text: 'later' })
+    applyWhole({ op: 'send', from: 'a', to, text: 'later' })
+  }
+  t.ok(lazy.account('bé')!.mailbox.warmStep(), 'bé has chunks left after one')
+  for (const name of ['bé', 'c', 'd']) {
+    const box = lazy.account(name)!.mailbox
+    t.same([box.size, box.unreadCount], [whole.account(name)!.mailbox.size, whole.account(name)!.mailbox.unreadCount], `${name}: counts after sends and part of a decode`)
+  }
+  t.ok(lazy.account('bé')!.mailbox.isDeferred, 'bé is still partly packed')
+  while (lazy.warmSome(Infinity));
+  for (const name of ['bé', 'c', 'd']) t.equal(lazy.account(name)!.mailbox.unreadCount, whole.account(name)!.mailbox.unreadCount, `${name}: unread count once decoded`)
+  t.equal(lazy.digest(), whole.digest())
+})
+
 t.test('a malformed messages chunk is refused when packed too', async t => {
   const st = source()
   const frame = encodeChunkFrame([...st.snapshotChunks()].find(c => c.kind === 'messages')!)

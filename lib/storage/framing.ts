@@ -157,10 +157,11 @@ export function encodeChunkFrame (chunk: object, max: number = limits.snapshotFr
   return seal(frame)
 }
 
-// Walk the messages chunk in buf[start, end): its owner's name, or null if it is not well formed.
-// With `visit`, each message's fields are handed to it in order; without, nothing is decoded
-// but the name, and the walk only checks that the lengths fill the chunk exactly.
-function walkMessages (buf: Buffer, start: number, end: number, visit?: (id: number, from: string, text: string, ts: number, read: 0 | 1) => void): string | null {
+// Walk the messages chunk in buf[start, end): its owner's name and how many messages it holds,
+// read or not, or null if it is not well formed. With `visit`, each message's fields are handed
+// to it in order; without, nothing is decoded but the name, and the walk only checks that the
+// lengths fill the chunk exactly.
+function walkMessages (buf: Buffer, start: number, end: number, visit?: (id: number, from: string, text: string, ts: number, read: 0 | 1) => void): { name: string, count: number, unread: number } | null {
   let p = start + 3
   if (p + 4 > end) return null
   const nameLen = buf.readUInt16LE(start + 1)
@@ -169,9 +170,11 @@ function walkMessages (buf: Buffer, start: number, end: number, visit?: (id: num
   const count = buf.readUInt32LE(p)
   p += 4
   if (count * messageHeadBytes > end - p) return null
+  let unread = 0
   for (let k = 0; k < count; k++) {
     if (p + messageHeadBytes > end) return null
     const read = buf[p + 16]
+    if (read === 0) unread++
     const fromLen = buf.readUInt16LE(p + 17)
     const textLen = buf.readUInt32LE(p + 19)
     const at = p
@@ -182,23 +185,25 @@ function walkMessages (buf: Buffer, start: number, end: number, visit?: (id: num
       visit(buf.readDoubleLE(at), utf8Slice.call(buf, at + messageHeadBytes, textAt), utf8Slice.call(buf, textAt, p), buf.readDoubleLE(at + 8), read as 0 | 1)
     }
   }
-  return p === end ? name : null
+  return p === end ? { name, count, unread } : null
 }
 
 // The messages chunk in buf[start, end), or null if it is not well formed.
 function decodeMessages (buf: Buffer, start: number, end: number): Record<string, unknown> | null {
   const messages: SnapshotMessage[] = []
-  const name = walkMessages(buf, start, end, (id, from, text, ts, read) => { messages.push([id, from, '', text, ts, read]) })
-  if (name === null) return null
+  const walked = walkMessages(buf, start, end, (id, from, text, ts, read) => { messages.push([id, from, '', text, ts, read]) })
+  if (walked === null) return null
+  const name = walked.name
   for (const m of messages) m[2] = name // every message is to the owner
   return { kind: 'messages', name, messages }
 }
 
-// The same chunk checked but left packed: { kind: 'messages', name, packed }, where `packed` is
-// the chunk's payload (a view into buf), to be decoded later by unpackMessages.
+// The same chunk checked but left packed: { kind: 'messages', name, packed, count, unread },
+// where `packed` is the chunk's payload (a view into buf), to be decoded later by
+// unpackMessages, and count and unread say how many messages it holds, and how many unread.
 function packedMessages (buf: Buffer, start: number, end: number): Record<string, unknown> | null {
-  const name = walkMessages(buf, start, end)
-  return name === null ? null : { kind: 'messages', name, packed: buf.subarray(start, end) }
+  const walked = walkMessages(buf, start, end)
+  return walked === null ? null : { kind: 'messages', name: walked.name, packed: buf.subarray(start, end), count: walked.count, unread: walked.unread }
 }
 
 // Hand every message of a packed messages chunk (see packedMessages) to `visit`, in order.
