@@ -95,6 +95,8 @@ export class Committer {
   // applied. Rejects with STORAGE_ERROR or UNAVAILABLE when it was not applied (or, after a
   // step-down, when the outcome is unknown: the client retries with the same rid).
   // A body whose exactly-once key was already applied resolves with the stored reply.
+  // The body becomes the record (stamped with its index, epoch and time): the caller hands over
+  // a fresh object and keeps no reference to it.
   submit (body: RecordBody): Promise<Applied> {
     if (body.rk !== undefined) {
       const stored = this.state.ridReply(body.rk)
@@ -104,7 +106,12 @@ export class Committer {
     }
     if (this.failure) return Promise.reject(this.failure)
     this.lastTs = Math.max(this.lastTs, Date.now())
-    const record = { ...body, i: this.assigned + 1, e: this.epoch, ts: this.lastTs } as LogRecord
+    // Stamped in place, not copied: a copy by object spread with the stamps after it ran into a
+    // slow path of V8 (about 2 us, a tenth of the whole request's CPU time).
+    const record = body as LogRecord
+    record.i = this.assigned + 1
+    record.e = this.epoch
+    record.ts = this.lastTs
     let frame: Buffer
     try {
       frame = encodeRecordFrame(record)
