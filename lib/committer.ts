@@ -46,7 +46,7 @@ export class Committer {
   private ready: Entry[] = [] // acknowledged by the chain, waiting for the local write in flight
   private flushing: Entry[] | null = null // written here, fdatasync in flight
   private flushScheduled = false
-  private lastBatch = 1 // records in the last local write
+  private recentBatch = 1 // records per local write: a moving average, each write weighing a quarter
   private syncedThisTurn = false // a lone record was written at once in this turn of the loop
   private assigned: number // highest index stamped so far
   private lastTs: number
@@ -126,10 +126,13 @@ export class Committer {
     if (rk !== undefined) this.inflightRids.set(rk, p)
     if (this.replicator !== this.local) this.scheduleForward()
     else if (this.flushing !== null) this.forwardQueued() // joins the next write
-    else if (this.lastBatch === 1 && !this.syncedThisTurn && !this.flushScheduled) {
-      // Light load: the last write was a lone record, so this one is likely alone too. Write it
-      // at once instead of a turn of the event loop later, but only one such write per turn:
-      // others read in the same turn are batched as usual.
+    else if (this.recentBatch < 1.5 && !this.syncedThisTurn && !this.flushScheduled) {
+      // Light load: the last few writes were lone records, so this one is likely alone too.
+      // Write it at once instead of a turn of the event loop later, but only one such write per
+      // turn: others read in the same turn are batched as usual. An average, not just the last
+      // write: under load a batch of one now and then is no sign of light load, and syncing the
+      // write after it on the loop would hold up every other client for an fdatasync (at 64
+      // clients, about 5% of the event loop's time, and 3-4% of the throughput).
       this.syncedThisTurn = true
       setImmediate(this.endTurn)
       this.forwardQueued()
@@ -186,7 +189,7 @@ export class Committer {
       this.settle(entries)
       return
     }
-    this.lastBatch = frames.length
+    this.recentBatch = 0.75 * this.recentBatch + 0.25 * frames.length
     const batch = { frames: frames.length === 1 ? frames[0] : Buffer.concat(frames), lastIndex: entries[entries.length - 1].record.i }
     try {
       if (frames.length > 1) {
