@@ -12,6 +12,7 @@ export interface Config {
   readonly data: string | null // null: ./data/<the port actually bound>
   readonly snapshotEveryRecords: number
   readonly snapshotEveryBytes: number
+  readonly segmentBytes: number
   readonly lineBytesMax: number
   // replication (protocol.md, "Replication")
   readonly peers: string[] | null // every member of the initial chain, this one included
@@ -56,6 +57,7 @@ export const usage = `usage: chainchat-server --port <n> [options]
   --data <dir>                 data directory (default ./data/<port>)
   --snapshot-every-records <n> take a snapshot after this many log records (default ${limits.snapshotEveryRecords})
   --snapshot-every-bytes <n>   ... or after this many log bytes (default ${limits.snapshotEveryBytes})
+  --segment-bytes <n>          start a new log segment once one holds this many bytes (default ${limits.logSegmentBytes})
   --line-bytes-max <n>         longest request line accepted (default ${limits.lineBytesMax})
 
 replication:
@@ -93,6 +95,7 @@ export function parseConfig (argv: string[]): Config | 'help' {
         data: { type: 'string' },
         'snapshot-every-records': { type: 'string' },
         'snapshot-every-bytes': { type: 'string' },
+        'segment-bytes': { type: 'string' },
         'line-bytes-max': { type: 'string' },
         peers: { type: 'string' },
         join: { type: 'string' },
@@ -148,6 +151,8 @@ export function parseConfig (argv: string[]): Config | 'help' {
     data: values.data === undefined ? null : path.resolve(values.data),
     snapshotEveryRecords: integer('snapshot-every-records', values['snapshot-every-records'], 1, Number.MAX_SAFE_INTEGER, limits.snapshotEveryRecords),
     snapshotEveryBytes: integer('snapshot-every-bytes', values['snapshot-every-bytes'], 1, Number.MAX_SAFE_INTEGER, limits.snapshotEveryBytes),
+    // At most 1 GiB: recovery reads a segment into memory whole, and a read returns at most 2 GiB.
+    segmentBytes: integer('segment-bytes', values['segment-bytes'], 1024, 1024 * 1024 * 1024, limits.logSegmentBytes),
     lineBytesMax: integer('line-bytes-max', values['line-bytes-max'], 1024, 16 * 1024 * 1024, limits.lineBytesMax)
   })
 }

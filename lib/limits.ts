@@ -31,6 +31,9 @@ export const limits = {
   snapshotFrameBytesMax: 64 * 1024 * 1024,
   snapshotEveryRecords: 100_000,
   snapshotEveryBytes: 64 * 1024 * 1024,
+  // a log segment is closed and a new one started once it holds this much, snapshot or not, so
+  // that no segment outgrows what recovery reads into memory at once (see storage/log.ts)
+  logSegmentBytes: 64 * 1024 * 1024,
   // the server extends its open log segment with zeros this much at a time (see storage/log.ts)
   logPreallocateBytes: 1024 * 1024,
   // exactly-once table: oldest entries are evicted first, deterministically, by count

@@ -1,6 +1,7 @@
 // kill -9 at any moment loses nothing that was acknowledged, and applies nothing twice.
 
-import t from 'tap'
+import t, { type Test } from 'tap'
+import fs from 'node:fs'
 import { startServer, tmpDir, waitFor } from './helpers/spawn.ts'
 import { ChatClient, RequestError } from '../lib/client.ts'
 
@@ -28,10 +29,21 @@ async function digest (port: number): Promise<string> {
   try { return (await c.status()).digest as string } finally { c.close() }
 }
 
-t.test('kill -9 during concurrent sends, then restart', async t => {
+// Twice: with a small snapshot interval, so the crash also lands around snapshots and
+// compaction; and with no snapshot at all but small log segments, so it lands around segments
+// started for their size, and the restart replays a log of many segments.
+const setups: Array<{ name: string, args: string[], segments: boolean }> = [
+  { name: 'snapshots every 150 records', args: ['--snapshot-every-records', '150'], segments: false },
+  { name: 'no snapshots, 4 KiB log segments', args: ['--snapshot-every-records', '1000000', '--segment-bytes', '4096'], segments: true }
+]
+
+for (const setup of setups) {
+  t.test(`kill -9 during concurrent sends, then restart (${setup.name})`, async t => crashAndRestart(t, setup))
+}
+
+async function crashAndRestart (t: Test, opts: { args: string[], segments: boolean }): Promise<void> {
   const data = tmpDir(t, 'crash')
-  // A small snapshot interval, so the crash also lands around snapshots and compaction.
-  const args = ['--snapshot-every-records', '150']
+  const args = opts.args
   let s = await startServer(t, { data, args })
   const users = ['u0', 'u1', 'u2', 'u3']
   const setup = await ChatClient.connect({ port: s.port })
@@ -77,6 +89,11 @@ t.test('kill -9 during concurrent sends, then restart', async t => {
   t.equal(outcomes.filter(o => o.status === 'fail').length, 0, 'no send failed outright')
   t.ok(unknown.length >= 1, `some sends were in flight at the kill (${unknown.length})`)
 
+  if (opts.segments) {
+    const segments = fs.readdirSync(data).filter(f => f.endsWith('.wal'))
+    t.ok(segments.length >= 10, `the log is in many segments (${segments.length})`)
+    t.same(fs.readdirSync(data).filter(f => f.endsWith('.snap')), [], 'and no snapshot')
+  }
   s = await startServer(t, { data, args })
   const seen = new Map<string, number>()
   for (const u of users) for (const m of await historyOf(s.port, u)) seen.set(m.text, (seen.get(m.text) ?? 0) + 1)
@@ -108,4 +125,4 @@ t.test('kill -9 during concurrent sends, then restart', async t => {
   s = await startServer(t, { data, args })
   t.equal(await digest(s.port), d, 'a clean restart keeps the digest')
   await s.stop()
-})
+}

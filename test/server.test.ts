@@ -20,6 +20,12 @@ t.test('the executable: readiness line, flags, signals', async t => {
   const help = await runServer(['--help'])
   t.equal(help.code, 0)
   t.match(help.stdout, /--snapshot-every-records/)
+  t.match(help.stdout, /--segment-bytes/)
+  for (const v of ['100', '2147483648', 'x']) {
+    const badSegment = await runServer(['--port', '0', '--segment-bytes', v])
+    t.equal(badSegment.code, 2, `--segment-bytes ${v} exits 2`)
+    t.match(badSegment.stderr, /--segment-bytes/, 'naming the flag')
+  }
 
   const second = await runServer(['--port', '0', '--data', data])
   t.equal(second.code, 1, 'a second server on the same data directory exits non-zero')

@@ -290,6 +290,102 @@ t.test('segments: roll, recovery across segments, compaction', async t => {
   expectCorrupt(t, thrown(() => readLog(dir, 0)), path.join(dir, segmentName(8)), 0, /log resumes at 8 but the snapshot ends at 0/)
 })
 
+// The segments in dir, in order, with their first index and size.
+function segmentFiles (dir: string): Array<{ first: number, bytes: number, file: string }> {
+  return fs.readdirSync(dir).filter(f => f.endsWith('.wal')).sort()
+    .map(f => ({ first: Number(f.slice(4, 24)), bytes: fs.statSync(path.join(dir, f)).size, file: path.join(dir, f) }))
+}
+
+t.test('segments: the open segment is closed once it holds segmentBytes, snapshot or not', async t => {
+  const dir = tempDir(t)
+  const warnings: Warning[] = []
+  const log = new SegmentLog(dir, realFiles, (msg, fields) => { warnings.push({ msg, fields }) }, 0, 1000)
+  log.recover(0, () => {})
+  let biggestBatch = 0
+  for (let i = 1; i <= 60; i += 3) {
+    const b = batch(records(i, i + 2))
+    biggestBatch = Math.max(biggestBatch, b.frames.length)
+    log.append(b.frames, b.lastIndex)
+  }
+  log.close()
+  const segs = segmentFiles(dir)
+  t.ok(segs.length >= 4, `${segs.length} segments for about ${segs.reduce((n, x) => n + x.bytes, 0)} bytes`)
+  for (const seg of segs.slice(0, -1)) {
+    t.ok(seg.bytes >= 1000 && seg.bytes < 1000 + biggestBatch, `a closed segment holds its bound and at most one batch more (${seg.bytes} bytes)`)
+  }
+  t.same(segs.map(x => (x.first - 1) % 3), segs.map(() => 0), 'each segment starts with a batch')
+  t.same(warnings, [])
+  t.same(readLog(dir).recs, records(1, 60), 'one log across every segment')
+
+  const { log: log2 } = openLog(dir)
+  log2.recover(0, () => {})
+  t.same([...log2.readFrom(1, 7)].flat(), records(1, 60), 'a peer catching up reads across them')
+  t.same([...log2.readFrom(segs[1].first + 1, 7)].flat(), records(segs[1].first + 1, 60))
+  const cut = segs[1].first + 1 // inside the second segment
+  log2.truncateAfter(cut)
+  t.same(segmentFiles(dir).map(x => x.first), [1, segs[1].first], 'later segments removed')
+  log2.append(batch([record(cut + 1)]).frames, cut + 1)
+  t.equal(log2.compact(segs[1].first - 1), 1, 'the first segment is covered by a snapshot at its last record')
+  log2.close()
+  t.same(readLog(dir, segs[1].first - 1).recs, records(segs[1].first, cut + 1))
+})
+
+t.test('segments: a new segment that is created but cannot be used is removed again; appends go on', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const warnings: Warning[] = []
+  const log = new SegmentLog(dir, ff.files, (msg, fields) => { warnings.push({ msg, fields }) }, 0, 500)
+  log.recover(0, () => {})
+  // The new segment file is created, and the directory synced, but opening it to write fails.
+  const first = path.join(dir, segmentName(1))
+  ff.hooks.openSync = ((p: fs.PathLike, flags: fs.OpenMode, mode?: fs.Mode) => {
+    if (String(p).endsWith('.wal') && String(p) !== first && flags === 'r+') throw errnoError('EMFILE')
+    return ff.real.openSync(p, flags, mode)
+  }) as typeof fs.openSync
+  for (let i = 1; i <= 30; i += 3) log.append(batch(records(i, i + 2)).frames, i + 2)
+  t.same(segmentFiles(dir).map(x => x.first), [1], 'no new segment is left behind')
+  t.ok(fs.statSync(first).size > 500, 'the records went on into the first segment')
+  t.ok(warnings.length >= 1, `${warnings.length} warnings`)
+  t.match(warnings[0], { msg: /could not start a new log segment/, fields: { error: /EMFILE/ } })
+  t.ok(warnings.length < 10, 'not a try before every append: a sixteenth of a segment apart')
+  t.equal(log.failed, null)
+
+  delete ff.hooks.openSync
+  log.append(batch(records(31, 33)).frames, 33)
+  t.same(segmentFiles(dir).map(x => x.first), [1, 31], 'the next try after the fault is gone starts a new segment')
+  log.close()
+  t.same(readLog(dir).recs, records(1, 33))
+})
+
+t.test('segments: if an unusable new segment cannot be removed either, the log fails and what it holds recovers', async t => {
+  const dir = tempDir(t)
+  const ff = faultyFiles()
+  const log = new SegmentLog(dir, ff.files, () => {}, 0, 500)
+  log.recover(0, () => {})
+  const first = path.join(dir, segmentName(1))
+  let n = 0
+  while (fs.statSync(first).size < 500) {
+    log.append(batch([record(n + 1)]).frames, n + 1)
+    n++
+  }
+  ff.hooks.openSync = ((p: fs.PathLike, flags: fs.OpenMode, mode?: fs.Mode) => {
+    if (String(p).endsWith('.wal') && String(p) !== first && flags === 'r+') throw errnoError('EMFILE')
+    return ff.real.openSync(p, flags, mode)
+  }) as typeof fs.openSync
+  ff.hooks.unlinkSync = () => { throw errnoError('EIO') }
+  const e = thrown(() => log.append(batch([record(n + 1)]).frames, n + 1))
+  t.match(e, { code: 'STORAGE_ERROR', message: /EIO/ }, 'the append is refused')
+  t.match(log.failed, { code: 'STORAGE_ERROR' }, 'the log is failed')
+  t.same(segmentFiles(dir).map(x => x.first), [1, n + 1], 'the empty new segment stays, right after the last record')
+  delete ff.hooks.openSync
+  delete ff.hooks.unlinkSync
+  t.equal(thrown(() => log.append(batch([record(n + 1)]).frames, n + 1)), log.failed, 'later appends are refused too')
+  log.close()
+  const back = readLog(dir)
+  t.same(back.recs, records(1, n), 'everything appended before recovers')
+  t.equal(back.lastIndex, n)
+})
+
 t.test('an empty first segment that starts after the snapshot index is corruption', async t => {
   const dir = tempDir(t)
   const file = path.join(dir, segmentName(8))

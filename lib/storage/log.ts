@@ -4,7 +4,10 @@
 //                                      with indexes increasing by exactly one
 //
 // A new segment starts when a snapshot is taken, so that whole segments the snapshot covers can
-// be deleted and disk use stays bounded. Appends are made durable with fdatasync before
+// be deleted and disk use stays bounded, and when the open segment has reached segmentBytes
+// (64 MiB in the server), so that no segment outgrows what recovery reads into memory at once:
+// with snapshots rare or failing, one segment would otherwise grow past the 2 GiB a single read
+// can return, and the log could not be read back. Appends are made durable with fdatasync before
 // append() returns, or before appendAsync() calls back; the caller batches records so many
 // writes share one fsync (group commit).
 //
@@ -24,6 +27,7 @@ import path from 'node:path'
 import { decodeFrame, validFrameAfter } from './framing.ts'
 import { type FileOps, writeAll, fsyncDir } from './files.ts'
 import { errors, ChatError } from '../errors.ts'
+import { limits } from '../limits.ts'
 import type { LogRecord } from '../records.ts'
 import { crashPoint, noteDurable } from '../fault-hooks.ts'
 
@@ -75,11 +79,14 @@ export class SegmentLog {
 
   private allocated = 0 // bytes in the open segment's file: size plus zeros ahead of it
   private preallocating: boolean
+  private rollAt: number // roll before an append once the open segment holds this many bytes
 
   // preallocateBytes: how far ahead of the records to extend the open segment with zeros (0: no
-  // preallocation, the file ends where the records end).
-  constructor (private readonly dir: string, private readonly files: FileOps, private readonly warn: Warn, private readonly preallocateBytes = 0) {
+  // preallocation, the file ends where the records end). segmentBytes: the size at which the
+  // open segment is closed and the next append starts a new one.
+  constructor (private readonly dir: string, private readonly files: FileOps, private readonly warn: Warn, private readonly preallocateBytes = 0, private readonly segmentBytes: number = limits.logSegmentBytes) {
     this.preallocating = preallocateBytes > 0
+    this.rollAt = segmentBytes
   }
 
   // Read the log, hand every record with index > afterIndex to onRecord in order, truncate a torn
@@ -187,6 +194,7 @@ export class SegmentLog {
   private write (frames: Buffer): number {
     if (this.failure) throw this.failure
     if (this.syncing) throw new Error('append: an appendAsync is in flight')
+    if (this.size >= this.rollAt) this.rollForSize()
     const before = this.size
     if (this.preallocating && before + frames.length > this.allocated) this.preallocate(before + frames.length)
     try {
@@ -308,13 +316,39 @@ export class SegmentLog {
   get failed (): ChatError | null { return this.failure }
   get currentSegmentBytes (): number { return this.size }
 
+  // The open segment is full: start a new one. If that fails, appends go on into this one (the
+  // bound is there for recovery's sake, and a little over it is harmless) and the next try is
+  // another sixteenth of a segment later; if the failure left the log unsafe to append to
+  // (roll), the append throws.
+  private rollForSize (): void {
+    try {
+      this.roll()
+    } catch (e) {
+      this.rollAt = this.size + Math.max(1, Math.floor(this.segmentBytes / 16))
+      this.warn('could not start a new log segment; appending to the current one', { error: String(e), bytes: this.size })
+      if (this.failure) throw this.failure
+    }
+  }
+
   // Start a new segment for records after lastIndex, so the ones before can be compacted away.
+  // Throws if the new segment cannot be made, with the log as it was. A new segment file that
+  // was created but cannot be used is removed again, durably: left behind, it would start
+  // inside the records later appended to the old one, and recovery would refuse the log. If it
+  // cannot be removed, the log fails (it holds everything up to here, which recovers).
   roll (): void {
     const cur = this.segments[this.segments.length - 1]
     if (cur.firstIndex === this.lastIndex + 1) return // already empty
     // Create the new segment before letting go of the old one, so a failure leaves the log as it was.
-    const next = this.createSegment(this.lastIndex + 1)
-    const fd = this.files.openSync(next.file, 'r+')
+    const file = path.join(this.dir, segmentName(this.lastIndex + 1))
+    let next: Segment
+    let fd: number
+    try {
+      next = this.createSegment(this.lastIndex + 1)
+      fd = this.files.openSync(next.file, 'r+')
+    } catch (e) {
+      this.removeUnused(file)
+      throw e
+    }
     // Trim the zeros ahead of the old segment's records. Not fsync'd: if they come back after a
     // crash, recovery reads them as the end of the records all the same.
     if (this.allocated > this.size) {
@@ -323,6 +357,22 @@ export class SegmentLog {
     this.close()
     this.segments.push(next)
     this.adopt(fd, 0, 0)
+  }
+
+  // Remove a segment file that roll created but could not put to use, if it exists.
+  private removeUnused (file: string): void {
+    try {
+      this.files.unlinkSync(file)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return // never created
+      this.failure = errors.storage(e)
+      return
+    }
+    try {
+      fsyncDir(this.files, this.dir)
+    } catch (e) {
+      this.failure = errors.storage(e)
+    }
   }
 
   // Delete segments whose every record is at or below snapshotIndex.
@@ -365,6 +415,7 @@ export class SegmentLog {
     this.size = end
     this.allocated = allocated
     this.preallocating = this.preallocateBytes > 0
+    this.rollAt = this.segmentBytes
   }
 
   private truncateFile (file: string, length: number): void {

@@ -23,6 +23,9 @@ export interface StoreOptions {
   // Extend the open log segment with zeros this far ahead of its records (see log.ts); 0, the
   // default, writes plain appends.
   preallocateBytes?: number
+  // Start a new log segment once the open one holds this many bytes (see log.ts); default
+  // limits.logSegmentBytes.
+  segmentBytes?: number
   // How long a due background snapshot spends decoding a state's deferred mailboxes before it
   // waits for a later write (see maybeSnapshot); default 2 ms, and at least one chunk.
   warmSliceMs?: number
@@ -61,7 +64,7 @@ export class Store {
     this.background = opts.backgroundSnapshots ?? false
     this.warmSliceMs = opts.warmSliceMs ?? 2
     makeDirs(this.dir)
-    this.log = new SegmentLog(this.dir, this.files, this.warn, opts.preallocateBytes ?? 0)
+    this.log = new SegmentLog(this.dir, this.files, this.warn, opts.preallocateBytes ?? 0, opts.segmentBytes)
   }
 
   // Load the newest snapshot and replay the log after it, applying records up to applyLimit
