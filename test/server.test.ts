@@ -200,6 +200,24 @@ t.test('the bad-input table leaves the connection and the data intact', async t 
   t.not((await c.req({ op: 'status' })).digest, before)
 })
 
+t.test('a users pattern made to backtrack is answered at once; other clients are not held up', async t => {
+  // `users` needs no login, and anyone can register a name of 32 a's. Matched as a regular
+  // expression, the first pattern below took minutes against it, with the whole server waiting.
+  const s = await startServer(t, { data: tmpDir(t, 'glob') })
+  const c = await RawConn.open(s.port)
+  for (const user of ['a'.repeat(32), 'a'.repeat(31) + 'b']) t.equal((await c.req({ op: 'register', user, password: 'p' })).ok, true)
+  const other = await RawConn.open(s.port)
+  const started = Date.now()
+  const slow = c.req({ op: 'users', pattern: '*a'.repeat(15) + '*b' })
+  const ping = await other.req({ op: 'ping', id: 'meanwhile' })
+  t.same(ping, { ok: true, id: 'meanwhile' }, 'another client is answered')
+  t.same((await slow).users, ['a'.repeat(31) + 'b'])
+  const longest = await c.req({ op: 'users', pattern: '*a'.repeat(127) + '*' })
+  t.same([longest.users, longest.total], [[], 0], 'a pattern with more letters than a name holds matches none')
+  t.ok(Date.now() - started < 5000, `answered in ${Date.now() - started} ms`)
+  await s.stop()
+})
+
 t.test('an over-long line: LINE_TOO_LONG after earlier replies, then close', async t => {
   const s = await startServer(t, { data: tmpDir(t, 'long'), args: ['--line-bytes-max', '2048'] })
   const c = await RawConn.open(s.port)

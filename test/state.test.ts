@@ -1,5 +1,5 @@
 import t from 'tap'
-import { ChatState, Mailbox, lowerBound, type Message } from '../lib/state.ts'
+import { ChatState, Mailbox, lowerBound, globMatch, type Message } from '../lib/state.ts'
 import type { LogRecord, RecordBody } from '../lib/records.ts'
 import { limits } from '../lib/limits.ts'
 
@@ -114,6 +114,53 @@ t.test('users: wildcards, case-insensitive, sorted, paged', async t => {
   t.same(st.listUsers('a.b*', 0, 100), { users: ['a.b-c_d'], total: 1 }, 'a dot is literal')
   t.same(st.listUsers('*', 2, 2), { users: ['andy', 'Anna'], total: 6 })
   t.same(st.listUsers('nobody', 0, 10), { users: [], total: 0 })
+})
+
+t.test('globMatch: agrees with a regular expression on every small case', async t => {
+  // The glob as a regular expression: correct, but exponential on some patterns (below).
+  const reference = (pattern: string, name: string): boolean =>
+    new RegExp('^' + pattern.replace(/[.+^${}()|[\]\\-]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.') + '$').test(name)
+  const names: string[] = ['']
+  for (let len = 1; len <= 4; len++) {
+    for (let k = 0; k < 3 ** len; k++) {
+      let n = ''
+      for (let x = k, j = 0; j < len; j++, x = Math.floor(x / 3)) n += 'ab.'[x % 3]
+      names.push(n)
+    }
+  }
+  const patterns: string[] = ['']
+  for (let len = 1; len <= 4; len++) {
+    for (let k = 0; k < 5 ** len; k++) {
+      let p = ''
+      for (let x = k, j = 0; j < len; j++, x = Math.floor(x / 5)) p += 'ab.*?'[x % 5]
+      patterns.push(p)
+    }
+  }
+  let disagree = 0
+  let first = ''
+  for (const p of patterns) {
+    for (const n of names) {
+      if (globMatch(p, n) !== reference(p, n)) {
+        if (disagree++ === 0) first = `${JSON.stringify(p)} against ${JSON.stringify(n)}`
+      }
+    }
+  }
+  t.equal(disagree, 0, `${patterns.length} patterns x ${names.length} names${first ? `; first: ${first}` : ''}`)
+  t.ok(globMatch('a*b?c', 'aXXbYc') && !globMatch('a*b?c', 'aXXbc'))
+})
+
+t.test('users: a pattern full of stars takes time in proportion to its length, not exponential', async t => {
+  const long = 'a'.repeat(limits.userLengthMax)
+  const { st } = withUsers(long, 'a'.repeat(31) + 'b', 'b')
+  // As a regular expression, this pattern took 8.7 s against one name of 32 a's, each star
+  // more about three times longer; the request holds up the whole server.
+  const evil = '*a'.repeat(12) + '*b'
+  const started = performance.now()
+  t.same(st.listUsers(evil, 0, 10), { users: ['a'.repeat(31) + 'b'], total: 1 })
+  t.same(st.listUsers('*a'.repeat(16) + '*', 0, 10), { users: [long, 'a'.repeat(31) + 'b'], total: 2 })
+  t.same(st.listUsers('*a'.repeat(limits.userLengthMax + 1) + '*', 0, 10), { users: [], total: 0 }, 'more letters than a name can hold: none')
+  t.same(st.listUsers('?'.repeat(limits.userLengthMax), 0, 10), { users: [long, 'a'.repeat(31) + 'b'], total: 2 })
+  t.ok(performance.now() - started < 1000, `${(performance.now() - started).toFixed(1)} ms`)
 })
 
 t.test('digest: equal for equal state, whatever the history; changes with any change', async t => {
