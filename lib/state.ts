@@ -159,6 +159,50 @@ export class Mailbox {
     return { message, read: !this.markRead(id) }
   }
 
+  // Take out every message of `ids` (no id twice): for each, what it was, or undefined if it is
+  // not here. One pass over the arrays from the first removed position, where removing them
+  // one by one moved the rest of the arrays once per id: a delete of 1,000 ids near the start
+  // of a mailbox of a million took 2.4 s, with the server waiting.
+  removeMany (ids: readonly number[]): Array<{ message: Message, read: boolean } | undefined> {
+    this.warm()
+    const out: Array<{ message: Message, read: boolean } | undefined> = new Array(ids.length)
+    const at: number[] = [] // positions in ids/messages to drop
+    const unreadGone: number[] = []
+    for (let j = 0; j < ids.length; j++) {
+      const k = lowerBound(this.ids, ids[j])
+      if (this.ids[k] !== ids[j]) continue
+      const read = this.isRead(ids[j])
+      out[j] = { message: this.messages[k], read }
+      at.push(k)
+      if (!read) unreadGone.push(ids[j])
+    }
+    if (at.length === 0) return out
+    at.sort((x, y) => x - y)
+    let w = at[0]
+    for (let r = at[0], d = 0; r < this.ids.length; r++) {
+      if (d < at.length && at[d] === r) {
+        d++
+        continue
+      }
+      this.ids[w] = this.ids[r]
+      this.messages[w] = this.messages[r]
+      w++
+    }
+    this.ids.length = w
+    this.messages.length = w
+    if (unreadGone.length > 0) { // a merge: both are sorted, and every one of these is in unread
+      unreadGone.sort((x, y) => x - y)
+      const u = this.unread
+      let uw = lowerBound(u, unreadGone[0], this.unreadHead)
+      for (let r = uw, g = 0; r < u.length; r++) {
+        if (g < unreadGone.length && u[r] === unreadGone[g]) g++
+        else u[uw++] = u[r]
+      }
+      u.length = uw
+    }
+    return out
+  }
+
   // The oldest unread messages, at most `limit` of them.
   oldestUnread (limit: number): Message[] {
     this.warm()
@@ -521,12 +565,14 @@ export class ChatState {
         if (!a) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
         let deleted = 0
         const missing: number[] = []
-        for (const id of new Set(r.ids)) {
-          const gone = a.mailbox.remove(id)
+        const ids = [...new Set(r.ids)]
+        const removed = a.mailbox.removeMany(ids)
+        for (let j = 0; j < ids.length; j++) {
+          const gone = removed[j]
           if (gone) {
             this.digestAcc.removeMessage(a.key, gone.message, gone.read)
             deleted++
-          } else missing.push(id)
+          } else missing.push(ids[j])
         }
         return { reply: { ok: true, deleted, missing }, effects: {} }
       }
