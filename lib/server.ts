@@ -91,7 +91,7 @@ class Connection implements Session {
         this.started++
         continue
       }
-      const pipelined = this.dispatcher.isPipelined(p.req.op)
+      const pipelined = this.dispatcher.isPipelined(p.req.op, this)
       if (!pipelined && this.started > this.head) return // wait for everything before it
       this.started++
       if (!pipelined) this.exclusive = true

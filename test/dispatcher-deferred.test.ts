@@ -1,0 +1,106 @@
+// After a start from a snapshot, a request that uses a mailbox still packed waits while it is
+// decoded a slice at a time between other work (dispatcher.ts, decoded), instead of decoding it
+// at once with every client waiting; and what waits for the same mailbox keeps its order.
+import t from 'tap'
+import { ChatState, type Applied } from '../lib/state.ts'
+import { Dispatcher, type Session } from '../lib/dispatcher.ts'
+import { encodeChunkFrame, decodeFrame } from '../lib/storage/framing.ts'
+import { limits } from '../lib/limits.ts'
+import type { LogRecord, RecordBody } from '../lib/records.ts'
+
+const bigCount = 30_000 // 30 chunks of up to 1,000 messages: many 2 ms slices
+
+// A state with a big mailbox and a small one, loaded from its snapshot's frames with the
+// messages left packed, as a server loads it at start-up.
+function loaded (): ChatState {
+  const st = new ChatState()
+  let ts = 1_000
+  const apply = (body: RecordBody): Applied => st.apply({ ...body, i: st.index + 1, e: 0, ts: ts += 10 } as LogRecord)
+  for (const user of ['Big', 'small']) apply({ op: 'register', user, salt: 's', hash: 'h' })
+  for (let k = 0; k < bigCount; k++) apply({ op: 'send', from: 'small', to: 'big', text: `m${k}` })
+  apply({ op: 'send', from: 'big', to: 'small', text: 'hello' })
+  const chunks = [...st.snapshotChunks()].map(c => {
+    const f = decodeFrame(encodeChunkFrame(c), 0, limits.snapshotFrameBytesMax, true)
+    if (f.kind !== 'ok') throw new Error(`frame: ${f.kind}`)
+    return f.value
+  })
+  return ChatState.fromSnapshotChunks(chunks)
+}
+
+// A dispatcher over the state, whose host applies each record as it is submitted, and notes
+// the op of each.
+function serve (st: ChatState): { d: Dispatcher, submitted: string[], session: (user: string) => Session & { pushed: string[] } } {
+  const submitted: string[] = []
+  let ts = 10_000_000
+  const d = new Dispatcher({
+    state: () => st,
+    submit: async (body: RecordBody) => {
+      submitted.push(body.op)
+      const r = { ...body, i: st.index + 1, e: 0, ts: ts += 10 } as LogRecord
+      const applied = st.apply(r)
+      d.onApplied(r, applied)
+      return applied
+    },
+    refuse: () => null,
+    status: () => ({})
+  })
+  let id = 1
+  const session = (user: string): Session & { pushed: string[] } => {
+    const pushed: string[] = []
+    const s = { id: id++, user: null, failedLogins: 0, pushed, pushEvent: (line: string, taken: (err?: Error | null) => void) => { pushed.push(line); taken() } }
+    d.setUser(s, user)
+    return s
+  }
+  return { d, submitted, session }
+}
+
+t.test('a request on a packed mailbox waits while it is decoded a slice at a time; others go on', async t => {
+  const st = loaded()
+  const { d, session } = serve(st)
+  const big = session('big')
+  const mailbox = st.account('big')!.mailbox
+  t.ok(mailbox.isDeferred, 'the big mailbox starts packed')
+  t.equal(d.isPipelined('read', big), false, 'a read on it waits for what came before it, and holds up what comes after')
+  t.equal(d.isPipelined('delete_messages', big), false)
+  t.equal(d.isPipelined('send', big), true, 'a send does not use the mailbox: pipelined as ever')
+  const small = session('small')
+  t.equal(d.isPipelined('read', small), false, 'small\'s one message is packed too')
+  st.account('small')!.mailbox.warm()
+  t.equal(d.isPipelined('read', small), true, 'a read on a mailbox already decoded is not held up')
+
+  let turns = 0
+  let done = false
+  const tick = (): void => {
+    if (done) return
+    turns++
+    setImmediate(tick)
+  }
+  setImmediate(tick)
+  const pinged = d.handle(session('small'), { op: 'ping', id: 'p', fields: {} }).then(() => turns)
+  const reply = await d.handle(big, { op: 'history', id: 1, fields: { limit: 3 } })
+  done = true
+  t.ok(turns >= 3, `decoded over ${turns} turns of the event loop`)
+  t.ok(await pinged < turns, 'a request from another client was answered meanwhile')
+  t.same((reply as unknown as { messages: Array<{ text: string }> }).messages.map(m => m.text), [`m${bigCount - 1}`, `m${bigCount - 2}`, `m${bigCount - 3}`])
+  t.notOk(mailbox.isDeferred)
+  t.equal(d.isPipelined('read', big), true, 'decoded: reads are pipelined again')
+  t.equal(st.digest(), st.digest(), 'and the state is whole')
+})
+
+t.test('a push read mark and a read behind the same decode keep their order', async t => {
+  const st = loaded()
+  const { d, submitted, session } = serve(st)
+  const big = session('big')
+  // A message to big arrives and is pushed to its session; the push is taken at once, so its
+  // read mark is due, but the mailbox is still packed: the mark waits for it.
+  const sent = await d.handle(session('small'), { op: 'send', id: 1, fields: { to: 'big', text: 'live' } })
+  t.match(sent, { ok: true, delivered: true })
+  t.equal(big.pushed.length, 1, 'pushed')
+  t.same(submitted, ['send'], 'the mark waits for the mailbox')
+  // Having seen the push, big reads its oldest unread messages.
+  const read = await d.handle(big, { op: 'read', id: 2, fields: { limit: 1000 } }) as unknown as { messages: Array<{ text: string }>, remaining: number }
+  t.same(submitted, ['send', 'mark_read', 'read'], 'the mark went first')
+  t.notOk(read.messages.some(m => m.text === 'live'), 'so the read does not return the pushed message again')
+  t.equal(read.messages.length, 1000)
+  t.equal(read.remaining, bigCount - 1000)
+})
