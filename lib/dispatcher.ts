@@ -76,11 +76,16 @@ export class Dispatcher {
     if (p === undefined) {
       p = new Promise<void>(resolve => {
         const step = (): void => {
-          const until = performance.now() + 2
-          while (mailbox.warmStep() && performance.now() < until);
-          if (mailbox.isDeferred) {
-            setImmediate(step)
-            return
+          try {
+            const until = performance.now() + 2
+            while (mailbox.warmStep() && performance.now() < until);
+            if (mailbox.isDeferred) {
+              setImmediate(step)
+              return
+            }
+          } catch {
+            // Never for a chunk that passed its check at load; if it happens, the request meets
+            // the error itself when it uses the mailbox, and answers with it.
           }
           this.decoding.delete(mailbox)
           resolve()

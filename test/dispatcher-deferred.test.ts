@@ -2,7 +2,7 @@
 // decoded a slice at a time between other work (dispatcher.ts, decoded), instead of decoding it
 // at once with every client waiting; and what waits for the same mailbox keeps its order.
 import t from 'tap'
-import { ChatState, type Applied } from '../lib/state.ts'
+import { ChatState, Mailbox, type Applied } from '../lib/state.ts'
 import { Dispatcher, type Session } from '../lib/dispatcher.ts'
 import { encodeChunkFrame, decodeFrame } from '../lib/storage/framing.ts'
 import { limits } from '../lib/limits.ts'
@@ -103,4 +103,15 @@ t.test('a push read mark and a read behind the same decode keep their order', as
   t.notOk(read.messages.some(m => m.text === 'live'), 'so the read does not return the pushed message again')
   t.equal(read.messages.length, 1000)
   t.equal(read.remaining, bigCount - 1000)
+})
+
+t.test('a mailbox that fails to decode fails the request that needs it, not the server', async t => {
+  const st = loaded()
+  const { d, session } = serve(st)
+  const broken = new Mailbox()
+  broken.defer(() => { throw new Error('malformed packed messages chunk') }, 1, 1)
+  st.account('small')!.mailbox = broken
+  const reply = await d.handle(session('small'), { op: 'history', id: 1, fields: {} })
+  t.match(reply, { ok: false, error: { code: 'INTERNAL' } }, 'the request gets the error')
+  t.match(await d.handle(session('small'), { op: 'ping', id: 2, fields: {} }), { ok: true }, 'and the dispatcher goes on')
 })
