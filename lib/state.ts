@@ -55,6 +55,11 @@ export interface Applied {
 // so it waits in the arrays meanwhile. Nor do the counts (size, unreadCount; a login asks for
 // the unread count): the snapshot's chunks say how many messages they hold, and how many unread.
 export class Mailbox {
+  // This mailbox's share of the state's digest: the sum of its messages' hashes, in the digest's
+  // two lanes (ChatState keeps it, see digestAdd), so that a deleted account's share comes out of
+  // the digest at once. Messages still deferred count once they are decoded.
+  hx = 0
+  hy = 0
   private unreadHead = 0
   // Deferred messages: `next` decodes the next part of them into `early`, and says whether any
   // part is left; once none is, they go in front of whatever was added meanwhile. `count` and
@@ -359,8 +364,6 @@ class MultisetDigest {
   private b = 0
   addAccount (a: Account): void { hashAccount(a); this.addLanes(hx, hy) }
   removeAccount (a: Account): void { hashAccount(a); this.removeLanes(hx, hy) }
-  addMessage (owner: string, m: Message, read: boolean): void { hashMessage(owner, m, read); this.addLanes(hx, hy) }
-  removeMessage (owner: string, m: Message, read: boolean): void { hashMessage(owner, m, read); this.removeLanes(hx, hy) }
   addLanes (x: number, y: number): void { this.a = (this.a + x) >>> 0; this.b = (this.b + y) >>> 0 }
   removeLanes (x: number, y: number): void { this.a = (this.a - x) >>> 0; this.b = (this.b - y) >>> 0 }
   hex (): string { return this.a.toString(16).padStart(8, '0') + this.b.toString(16).padStart(8, '0') }
@@ -545,7 +548,7 @@ export class ChatState {
         if (!from) return { reply: fail('NOT_LOGGED_IN', 'your account no longer exists'), effects: {} }
         const m: Message = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts }
         to.mailbox.add(m, false)
-        this.digestAcc.addMessage(to.key, m, false)
+        this.digestAdd(to, m, false)
         return { reply: { ok: true, message: m }, effects: { push: m } }
       }
       case 'read': {
@@ -570,7 +573,7 @@ export class ChatState {
         for (let j = 0; j < ids.length; j++) {
           const gone = removed[j]
           if (gone) {
-            this.digestAcc.removeMessage(a.key, gone.message, gone.read)
+            this.digestRemove(a, gone.message, gone.read)
             deleted++
           } else missing.push(ids[j])
         }
@@ -587,11 +590,26 @@ export class ChatState {
     }
   }
 
+  // A message's hash into the digest, and into its mailbox's share of it; and out again.
+  private digestAdd (a: Account, m: Message, read: boolean): void {
+    hashMessage(a.key, m, read)
+    this.digestAcc.addLanes(hx, hy)
+    a.mailbox.hx = (a.mailbox.hx + hx) >>> 0
+    a.mailbox.hy = (a.mailbox.hy + hy) >>> 0
+  }
+
+  private digestRemove (a: Account, m: Message, read: boolean): void {
+    hashMessage(a.key, m, read)
+    this.digestAcc.removeLanes(hx, hy)
+    a.mailbox.hx = (a.mailbox.hx - hx) >>> 0
+    a.mailbox.hy = (a.mailbox.hy - hy) >>> 0
+  }
+
   private markRead (a: Account, id: number): void {
     if (!a.mailbox.markRead(id)) return // read already, or no such message
     const m = a.mailbox.get(id)!
-    this.digestAcc.removeMessage(a.key, m, false)
-    this.digestAcc.addMessage(a.key, m, true)
+    this.digestRemove(a, m, false)
+    this.digestAdd(a, m, true)
   }
 
   private addAccount (a: Account): void {
@@ -601,7 +619,8 @@ export class ChatState {
   }
 
   private removeAccount (a: Account): void {
-    for (const [m, read] of a.mailbox.entries()) this.digestAcc.removeMessage(a.key, m, read)
+    a.mailbox.warm() // a deferred mailbox's share is known once it is decoded
+    this.digestAcc.removeLanes(a.mailbox.hx, a.mailbox.hy)
     this.digestAcc.removeAccount(a)
     this.accounts.delete(a.key)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
@@ -678,7 +697,10 @@ export class ChatState {
       unpackMessages(chunks[k++], (id, from, text, ts, read) => {
         const m: Message = { id, from: name(from), to: a.name, text, ts }
         into.add(m, read === 1)
-        ;(this.deferredCheck ?? this.digestAcc).addMessage(a.key, m, read === 1)
+        hashMessage(a.key, m, read === 1)
+        ;(this.deferredCheck ?? this.digestAcc).addLanes(hx, hy)
+        a.mailbox.hx = (a.mailbox.hx + hx) >>> 0
+        a.mailbox.hy = (a.mailbox.hy + hy) >>> 0
       })
       if (k < chunks.length) return true
       this.undecoded--
@@ -757,7 +779,7 @@ export class ChatState {
           for (const [id, from, to, text, ts, read] of c.messages) {
             const m: Message = { id, from: name(from), to: to === a.name ? a.name : to, text, ts }
             a.mailbox.add(m, read === 1)
-            st.digestAcc.addMessage(a.key, m, read === 1)
+            st.digestAdd(a, m, read === 1)
           }
           break
         }
