@@ -34,10 +34,26 @@ export interface Host {
 
 const scryptOpts = { N: limits.scryptN, r: limits.scryptR, p: limits.scryptP, maxmem: 64 * 1024 * 1024 }
 
-function hashPassword (password: string, salt: Buffer): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    scrypt(password, salt, limits.scryptKeyBytes, scryptOpts, (err, key) => err ? reject(err) : resolve(key))
-  })
+// Password hashes run in libuv's thread pool (4 threads), and so does the log's fdatasync under
+// load. Unbounded, a burst of logins (every client of a failed primary logging in again, or
+// someone guessing passwords from many connections) filled the pool, and every write waited
+// behind the hashes: 100 concurrent failed logins held up all writes for 2.1 s. So at most
+// limits.scryptConcurrency hashes run at once, and the rest wait their turn here, in order.
+let hashSlots: number = limits.scryptConcurrency
+const hashQueue: Array<() => void> = []
+
+async function hashPassword (password: string, salt: Buffer): Promise<Buffer> {
+  if (hashSlots > 0) hashSlots--
+  else await new Promise<void>(resolve => hashQueue.push(resolve))
+  try {
+    return await new Promise<Buffer>((resolve, reject) => {
+      scrypt(password, salt, limits.scryptKeyBytes, scryptOpts, (err, key) => err ? reject(err) : resolve(key))
+    })
+  } finally {
+    const next = hashQueue.shift()
+    if (next !== undefined) next() // the slot passes straight to the next in line
+    else hashSlots++
+  }
 }
 
 // Used when the account does not exist, so an unknown name costs the same time as a wrong password.

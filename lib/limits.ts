@@ -44,6 +44,9 @@ export const limits = {
   scryptR: 8,
   scryptP: 1,
   scryptKeyBytes: 32,
+  // password hashes run at once, at most (they share libuv's thread pool, 4 threads, with the
+  // log's fdatasync; see dispatcher.ts)
+  scryptConcurrency: 2,
   saltBytes: 16,
 
   // replication

@@ -218,6 +218,32 @@ t.test('a users pattern made to backtrack is answered at once; other clients are
   await s.stop()
 })
 
+t.test('a burst of logins does not hold up writes', async t => {
+  // Password hashes share libuv's thread pool with the log's fdatasync. Before their number was
+  // bounded, 60 logins in flight made a round of concurrent sends wait for all of them.
+  const s = await startServer(t, { data: tmpDir(t, 'logins') })
+  const setup = await RawConn.open(s.port)
+  for (const user of ['ann', 'ben']) t.equal((await setup.req({ op: 'register', user, password: 'pw' })).ok, true)
+  const senders = await Promise.all(Array.from({ length: 16 }, async () => {
+    const c = await RawConn.open(s.port)
+    t.equal((await c.req({ op: 'login', user: 'ann', password: 'pw' })).ok, true)
+    return c
+  }))
+  const guessers = await Promise.all(Array.from({ length: 60 }, () => RawConn.open(s.port)))
+  let answered = 0
+  const logins = guessers.map(c => c.req({ op: 'login', user: 'ben', password: 'wrong' }, 60_000).then(r => {
+    answered++
+    return r
+  }))
+  // A round of sends at once: written together, so synced in the thread pool.
+  const sent = await Promise.all(senders.map((c, k) => c.req({ op: 'send', to: 'ben', text: `m${k}` })))
+  t.ok(sent.every(r => r.ok === true), 'every send acknowledged')
+  t.ok(answered < 30, `the sends were answered while ${60 - answered} of 60 logins still waited`)
+  t.ok((await Promise.all(logins)).every(r => (r.error as { code?: string } | undefined)?.code === 'AUTH_FAILED'), 'and every login is answered in the end')
+  for (const c of [setup, ...senders, ...guessers]) c.close()
+  await s.stop()
+})
+
 t.test('an over-long line: LINE_TOO_LONG after earlier replies, then close', async t => {
   const s = await startServer(t, { data: tmpDir(t, 'long'), args: ['--line-bytes-max', '2048'] })
   const c = await RawConn.open(s.port)
