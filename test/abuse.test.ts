@@ -17,7 +17,12 @@ function rssKb (pid: number): number {
   return Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1])
 }
 
-// The time a fresh client takes to log in and send, on the primary.
+// How soon another client must be served: well under the 5 s a stuck server would take, and
+// with room for this file running beside another (tap runs two at once; the build test's
+// compiler takes both cores for a moment). 1 s was once missed right after the 2,000 connections.
+const promptMs = 3000
+
+// The time a fresh client takes to connect and get an answer to a ping, on the primary.
 async function servedWithinMs (port: number): Promise<number> {
   const started = Date.now()
   const c = await RawConn.open(port)
@@ -51,7 +56,7 @@ t.test('abuse against a chain', async t => {
     }
     await waitFor(() => socks.every(s => !s.connecting), 20_000, 'all connected')
     t.ok(socks.filter(s => !s.destroyed).length >= 2000, '2,000 connections open')
-    t.ok(await servedWithinMs(primary.port) < 1000, 'another client is served promptly')
+    t.ok(await servedWithinMs(primary.port) < promptMs, 'another client is served promptly')
     t.ok(rssKb(primary.proc!.pid) < 400_000, `memory bounded (${rssKb(primary.proc!.pid)} kB)`)
   })
 
@@ -60,7 +65,7 @@ t.test('abuse against a chain', async t => {
     // reading from it (a client pushed past the outbound bound is cut off: test/server.test.ts).
     const { written } = await floodWithoutReading(t, primary.port, primary.host)
     t.ok(written < 40_000_000, `the client's writes back up after ${written} bytes`)
-    for (let n = 0; n < 5; n++) t.ok(await servedWithinMs(primary.port) < 1000, 'another client is served promptly')
+    for (let n = 0; n < 5; n++) t.ok(await servedWithinMs(primary.port) < promptMs, 'another client is served promptly')
     t.ok(rssKb(primary.proc!.pid) < 400_000, `memory bounded (${rssKb(primary.proc!.pid)} kB)`)
   })
 
@@ -72,7 +77,7 @@ t.test('abuse against a chain', async t => {
     let k = 0
     const timer = setInterval(() => { if (k < line.length) s.write(line[k++]) }, 50)
     t.teardown(() => { clearInterval(timer); s.destroy() })
-    for (let n = 0; n < 5; n++) t.ok(await servedWithinMs(primary.port) < 1000, 'others served meanwhile')
+    for (let n = 0; n < 5; n++) t.ok(await servedWithinMs(primary.port) < promptMs, 'others served meanwhile')
     let got = ''
     s.on('data', d => { got += d })
     await waitFor(() => got.includes('"slow"'), 20_000, 'the slow request to be answered when complete')
@@ -92,7 +97,7 @@ t.test('abuse against a chain', async t => {
     const r2 = await deep.send('{"op":"ping","id":"n","x":' + '{"a":'.repeat(10_000) + '1' + '}'.repeat(10_000) + '}\n', 'n')
     t.equal(r2.ok, true, 'nested fields are parsed and ignored')
     deep.close()
-    t.ok(await servedWithinMs(primary.port) < 1000)
+    t.ok(await servedWithinMs(primary.port) < promptMs)
   })
 
   await t.test('peer messages without the secret, to every member', async t => {
