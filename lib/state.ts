@@ -155,13 +155,7 @@ export class Mailbox {
 
   // Take `id` out; what it was, or undefined if it is not here.
   remove (id: number): { message: Message, read: boolean } | undefined {
-    this.warm()
-    const k = lowerBound(this.ids, id)
-    if (this.ids[k] !== id) return undefined
-    const message = this.messages[k]
-    this.ids.splice(k, 1)
-    this.messages.splice(k, 1)
-    return { message, read: !this.markRead(id) }
+    return this.removeMany([id])[0]
   }
 
   // Take out every message of `ids` (no id twice): for each, what it was, or undefined if it is
@@ -590,10 +584,11 @@ export class ChatState {
     }
   }
 
-  // A message's hash into the digest, and into its mailbox's share of it; and out again.
-  private digestAdd (a: Account, m: Message, read: boolean): void {
+  // A message's hash into the digest (or `into`: see deferredCheck), and into its mailbox's
+  // share of it; and out again.
+  private digestAdd (a: Account, m: Message, read: boolean, into: MultisetDigest = this.digestAcc): void {
     hashMessage(a.key, m, read)
-    this.digestAcc.addLanes(hx, hy)
+    into.addLanes(hx, hy)
     a.mailbox.hx = (a.mailbox.hx + hx) >>> 0
     a.mailbox.hy = (a.mailbox.hy + hy) >>> 0
   }
@@ -697,10 +692,7 @@ export class ChatState {
       unpackMessages(chunks[k++], (id, from, text, ts, read) => {
         const m: Message = { id, from: name(from), to: a.name, text, ts }
         into.add(m, read === 1)
-        hashMessage(a.key, m, read === 1)
-        ;(this.deferredCheck ?? this.digestAcc).addLanes(hx, hy)
-        a.mailbox.hx = (a.mailbox.hx + hx) >>> 0
-        a.mailbox.hy = (a.mailbox.hy + hy) >>> 0
+        this.digestAdd(a, m, read === 1, this.deferredCheck ?? this.digestAcc)
       })
       if (k < chunks.length) return true
       this.undecoded--

@@ -120,22 +120,20 @@ t.test('globMatch: agrees with a regular expression on every small case', async 
   // The glob as a regular expression: correct, but exponential on some patterns (below).
   const reference = (pattern: string, name: string): boolean =>
     new RegExp('^' + pattern.replace(/[.+^${}()|[\]\\-]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.') + '$').test(name)
-  const names: string[] = ['']
-  for (let len = 1; len <= 4; len++) {
-    for (let k = 0; k < 3 ** len; k++) {
-      let n = ''
-      for (let x = k, j = 0; j < len; j++, x = Math.floor(x / 3)) n += 'ab.'[x % 3]
-      names.push(n)
+  // Every string of up to 4 characters from `alphabet`, the empty one included.
+  const everyString = (alphabet: string): string[] => {
+    const out = ['']
+    for (let len = 1; len <= 4; len++) {
+      for (let k = 0; k < alphabet.length ** len; k++) {
+        let s = ''
+        for (let x = k, j = 0; j < len; j++, x = Math.floor(x / alphabet.length)) s += alphabet[x % alphabet.length]
+        out.push(s)
+      }
     }
+    return out
   }
-  const patterns: string[] = ['']
-  for (let len = 1; len <= 4; len++) {
-    for (let k = 0; k < 5 ** len; k++) {
-      let p = ''
-      for (let x = k, j = 0; j < len; j++, x = Math.floor(x / 5)) p += 'ab.*?'[x % 5]
-      patterns.push(p)
-    }
-  }
+  const names = everyString('ab.')
+  const patterns = everyString('ab.*?')
   let disagree = 0
   let first = ''
   for (const p of patterns) {
