@@ -113,6 +113,32 @@ export class Dispatcher {
     return p
   }
 
+  // The same for the state's digest (ChatState.digestPending): the state's packed messages
+  // decoded a few milliseconds at a time, or null if the digest is known already.
+  private digesting: Promise<void> | null = null
+
+  private digested (): Promise<void> | null {
+    if (!this.host.state().digestPending) return null
+    this.digesting ??= new Promise<void>(resolve => {
+      const step = (): void => {
+        let more = false
+        try {
+          more = this.host.state().warmSome(2)
+        } catch {
+          // As in decoded: the request meets the error itself when it asks for the digest.
+        }
+        if (more) {
+          setImmediate(step)
+          return
+        }
+        this.digesting = null
+        resolve()
+      }
+      setImmediate(step)
+    })
+    return this.digesting
+  }
+
   private deferredMailbox (key: string | null): Mailbox | null {
     const mailbox = key === null ? undefined : this.host.state().accounts.get(key)?.mailbox
     return mailbox?.isDeferred === true ? mailbox : null
@@ -235,8 +261,12 @@ export class Dispatcher {
       }
       case 'ping':
         return ok()
-      case 'status':
+      case 'status': {
+        // The digest counts every message: wait while those a start left packed are decoded.
+        const waiting = this.digested()
+        if (waiting !== null) await waiting
         return ok(this.host.status())
+      }
     }
   }
 

@@ -34,6 +34,9 @@ export const limits = {
   // a log segment is closed and a new one started once it holds this much, snapshot or not, so
   // that no segment outgrows what recovery reads into memory at once (see storage/log.ts)
   logSegmentBytes: 64 * 1024 * 1024,
+  // recovery checks the log's checksums on a helper thread once the log holds this much (below,
+  // starting the thread costs more than it saves; see storage/checksums.ts)
+  parallelChecksumBytes: 16 * 1024 * 1024,
   // the server extends its open log segment with zeros this much at a time (see storage/log.ts)
   logPreallocateBytes: 1024 * 1024,
   // exactly-once table: oldest entries are evicted first, deterministically, by count

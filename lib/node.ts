@@ -85,7 +85,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
     if (config.peers !== null || config.join !== null) meta = new MetaStore(dir, opts.files).load()
     const t0 = Date.now()
     recovered = store.recover(meta ? meta.commit : undefined)
-    log('info', 'recovered', { dir, index: recovered.state.index, lastIndex: store.log.lastIndex, snapshotIndex: recovered.snapshotIndex, replayed: recovered.replayed, truncatedBytes: recovered.truncatedBytes, ms: Date.now() - t0 })
+    log('info', 'recovered', { dir, index: recovered.state.index, lastIndex: store.log.lastIndex, snapshotIndex: recovered.snapshotIndex, replayed: recovered.replayed, truncatedBytes: recovered.truncatedBytes, packedMailboxes: recovered.state.deferredMailboxes, checksums: recovered.checksums, ms: Date.now() - t0 })
   } catch (e) {
     listener.close()
     await release()
@@ -185,10 +185,11 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   for (const s of early.splice(0)) route(s)
   chain?.start()
   // A start from a snapshot leaves each mailbox packed until it is first used (state.ts,
-  // Mailbox.defer). Decode them a few milliseconds at a time between requests, so that no
-  // request waits on a whole mailbox later, and the snapshot's buffer is let go.
+  // Mailbox.defer), and replaying the log leaves the messages of its sends packed
+  // (ChatState.replay). Decode them a few milliseconds at a time between requests, so that no
+  // request waits on a whole mailbox later, and the snapshot's and the log's buffers are let go.
   const loaded = recovered.state
-  if (loaded.deferredMailboxes > 0) {
+  if (loaded.undecodedWork) {
     const since = Date.now()
     const mailboxes = loaded.deferredMailboxes
     const warm = (): void => {

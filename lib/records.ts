@@ -53,6 +53,14 @@ export interface NoopRecord extends RecordHeader {
   op: 'noop'
 }
 
+// A send record as recovery reads it from the log (storage/framing.ts, decodeFrame's packSends):
+// the header, with the names and the text left in the segment's buffer, in the record's payload
+// at `start`, for the state to read from there (state.ts, ChatState.replay).
+export interface PackedSendRecord extends Omit<SendRecord, 'text' | 'from' | 'to'> {
+  packed: Buffer
+  start: number
+}
+
 export type LogRecord = RegisterRecord | SendRecord | ReadRecord | DeleteMessagesRecord | DeleteAccountRecord | MarkReadRecord | NoopRecord
 
 // What a caller hands to the log before the index, epoch and time are stamped.

@@ -4,11 +4,11 @@
 // Queries (login checks, listing, history) read the state and never change it.
 
 import assert from 'node:assert/strict'
-import type { LogRecord } from './records.ts'
+import type { LogRecord, PackedSendRecord } from './records.ts'
 import { limits } from './limits.ts'
 import { KeySlots } from './key-slots.ts'
 import type { ErrorCode } from './errors.ts'
-import { unpackMessages } from './storage/framing.ts'
+import { unpackMessages, unpackSend, sendIndex, sendText, sendTs, sendNamesAt, sendFromBytes, sendToBytes } from './storage/framing.ts'
 
 export interface Message {
   id: number
@@ -54,6 +54,11 @@ export interface Applied {
 // at start-up. Adding does not count as a use: what is added comes after everything deferred,
 // so it waits in the arrays meanwhile. Nor do the counts (size, unreadCount; a login asks for
 // the unread count): the snapshot's chunks say how many messages they hold, and how many unread.
+//
+// Recovery adds the messages of the sends it replays packed (see addPacked): they wait at the
+// tail of the mailbox, after every other message and all unread, with their text still in the
+// log's buffer, and are decoded the same way, when the mailbox is first used or a part at a time
+// in the background. Messages added after them (add) wait in the tail too, to keep the order.
 export class Mailbox {
   // This mailbox's share of the state's digest: the sum of its messages' hashes, in the digest's
   // two lanes (ChatState keeps it, see digestAdd), so that a deleted account's share comes out of
@@ -65,6 +70,11 @@ export class Mailbox {
   // part is left; once none is, they go in front of whatever was added meanwhile. `count` and
   // `unread` say how many there are in all, and how many of them unread.
   private deferred: { next: (into: Mailbox) => boolean, early: Mailbox, count: number, unread: number } | null = null
+  // The packed tail: from `next` on, each entry is a send record's payload (bufs[k], starts[k])
+  // and its sender's name as the state knew it (items[k]), or, where bufs[k] is null, a message
+  // added after them (items[k]). `decode` makes a packed entry's message; `done` is called once
+  // the tail is empty. lastId: of the last entry.
+  private tail: { bufs: Array<Buffer | null>, starts: number[], items: Array<string | Message>, next: number, lastId: number, decode: (buf: Buffer, start: number, from: string) => Message, done: () => void } | null = null
 
   constructor (
     private ids: number[] = [],
@@ -73,10 +83,24 @@ export class Mailbox {
   ) {}
 
   // While messages are deferred, nothing has been read or removed (either decodes them first).
-  get size (): number { return this.ids.length + (this.deferred?.count ?? 0) }
-  get unreadCount (): number { return this.unread.length - this.unreadHead + (this.deferred?.unread ?? 0) }
+  get size (): number { return this.ids.length + (this.deferred?.count ?? 0) + this.tailCount }
+  get unreadCount (): number { return this.unread.length - this.unreadHead + (this.deferred?.unread ?? 0) + this.tailCount }
+  private get tailCount (): number { return this.tail === null ? 0 : this.tail.bufs.length - this.tail.next }
 
   add (m: Message, read: boolean): void {
+    const t = this.tail
+    if (t !== null) {
+      if (read) { // not done while a tail waits (a new message is unread), but keep the order
+        while (this.tailStep(Infinity));
+      } else {
+        if (t.lastId >= m.id) assert.fail('message ids must grow')
+        t.bufs.push(null)
+        t.starts.push(0)
+        t.items.push(m)
+        t.lastId = m.id
+        return
+      }
+    }
     if (this.ids.length > 0 && this.ids[this.ids.length - 1] >= m.id) assert.fail('message ids must grow')
     this.ids.push(m.id)
     this.messages.push(m)
@@ -88,7 +112,7 @@ export class Mailbox {
   // `count` of them, `unread` of those unread. Only a new, empty mailbox can be deferred: false
   // otherwise.
   defer (next: (into: Mailbox) => boolean, count: number, unread: number): boolean {
-    if (this.ids.length > 0 || this.deferred !== null) return false
+    if (this.ids.length > 0 || this.deferred !== null || this.tail !== null) return false
     this.deferred = { next, early: new Mailbox(), count, unread }
     return true
   }
@@ -102,12 +126,53 @@ export class Mailbox {
     d.unread += unread
   }
 
-  get isDeferred (): boolean { return this.deferred !== null }
+  get isDeferred (): boolean { return this.deferred !== null || this.tail !== null }
+
+  // Whether a packed tail waits (see addPacked).
+  get hasTail (): boolean { return this.tail !== null }
+
+  // Start a packed tail, to which addPacked adds: `decode` makes the message of a send record's
+  // payload, given its sender's name; `done` is called once the whole tail has been decoded.
+  startTail (decode: (buf: Buffer, start: number, from: string) => Message, done: () => void): void {
+    assert.ok(this.tail === null, 'a mailbox has one packed tail at a time')
+    this.tail = { bufs: [], starts: [], items: [], next: 0, lastId: this.ids.length > 0 ? this.ids[this.ids.length - 1] : 0, decode, done }
+  }
+
+  // Add, unread, the message of the send record (index `id`) whose payload starts at buf[start],
+  // from `from`, without decoding it (see startTail).
+  addPacked (buf: Buffer, start: number, from: string, id: number): void {
+    const t = this.tail!
+    if (t.lastId >= id) assert.fail('message ids must grow')
+    t.bufs.push(buf)
+    t.starts.push(start)
+    t.items.push(from)
+    t.lastId = id
+  }
+
+  // Move up to `max` entries of the tail into the arrays, decoding the packed ones; true while
+  // some are left.
+  private tailStep (max: number): boolean {
+    const t = this.tail!
+    const end = Math.min(t.bufs.length, t.next + max)
+    this.tail = null // while entries move, add appends them to the arrays
+    try {
+      for (let k = t.next; k < end; k = ++t.next) {
+        const buf = t.bufs[k]
+        const item = t.items[k]
+        this.add(buf === null ? item as Message : t.decode(buf, t.starts[k], item as string), false)
+      }
+    } finally {
+      if (t.next < t.bufs.length) this.tail = t
+    }
+    if (this.tail !== null) return true
+    t.done()
+    return false
+  }
 
   // Decode the next part of the deferred messages; true while some are still deferred.
   warmStep (): boolean {
     const d = this.deferred
-    if (d === null) return false
+    if (d === null) return this.tail !== null && this.tailStep(1000)
     if (d.next(d.early)) return true
     this.deferred = null
     // Those added meanwhile are later than every deferred message. Nothing was read or removed,
@@ -118,12 +183,12 @@ export class Mailbox {
     this.ids = e.ids
     this.messages = e.messages
     this.unread = e.unread
-    return false
+    return this.tail !== null
   }
 
   // Decode all the deferred messages now; true if there were any.
   warm (): boolean {
-    if (this.deferred === null) return false
+    if (this.deferred === null && this.tail === null) return false
     while (this.warmStep());
     return true
   }
@@ -422,6 +487,7 @@ export function encodeInPieces<T> (c: SnapshotChunk, encode: (c: SnapshotChunk) 
   return [encoded]
 }
 
+const nameCacheMax = 100_000
 const ridsPerChunk = 1000
 const messagesPerChunk = 1000
 
@@ -436,28 +502,45 @@ export class ChatState {
   // Each entry's digest lanes are kept so that eviction need not recompute them.
   private readonly ridSlots = new KeySlots(limits.ridsMax)
   private readonly ridTs: number[] = []
-  private readonly ridReplies: Reply[] = []
+  // null: a send's reply that replay left packed, in ridPacked's lanes at the same slot.
+  private readonly ridReplies: Array<Reply | null> = []
   private readonly ridHx: number[] = []
   private readonly ridHy: number[] = []
   private ridStart = 0
+  // Where the sends whose replies replay left packed are: the payload (buf, start) of each, and
+  // the names its message had. No object per entry: a million replayed sends fill the table ten
+  // times over.
+  private ridPackedLanes: { bufs: Array<Buffer | null>, starts: number[], froms: string[], tos: string[] } | null = null
+  private ridPacked = 0 // entries packed
+  private ridUnpackAt = 0 // where warmSome goes on looking for them
   private readonly digestAcc = new MultisetDigest()
-  // Accounts whose mailbox may still be deferred (loaded packed from a snapshot), for warmSome.
+  // Accounts whose mailbox may still be deferred (loaded packed from a snapshot, or with a packed
+  // tail from replay), for warmSome.
   private deferred: Account[] = []
   private deferredNext = 0
   private undecoded = 0 // of them, not decoded yet
+  private tailsPending = 0 // mailboxes whose packed tail (see replay) is not decoded yet
+  private tailsOnly = 0 // of them, those the snapshot did not leave packed as well
 
   // The digest of the state. A state loaded from a snapshot that recorded its digest knows it
-  // before its mailboxes are decoded; one loaded from an older snapshot decodes them first.
+  // before its mailboxes are decoded; one loaded from an older snapshot, or with messages that
+  // recovery left packed (replay), decodes them first.
   digest (): string {
-    if (this.deferredCheck === null) while (this.warmSome(Infinity));
+    if (this.digestPending) while (this.warmSome(Infinity));
     return this.digestAcc.hex()
   }
 
+  // Whether digest() would first decode mailboxes (a request for it waits while warmSome does).
+  get digestPending (): boolean { return this.tailsPending > 0 || this.ridPacked > 0 || (this.deferredCheck === null && this.undecoded > 0) }
+
   // Mailboxes still deferred.
-  get deferredMailboxes (): number { return this.undecoded }
+  get deferredMailboxes (): number { return this.undecoded + this.tailsOnly }
+
+  // Whether warmSome has work: mailboxes still deferred, or replies left packed.
+  get undecodedWork (): boolean { return this.undecoded + this.tailsPending + this.ridPacked > 0 }
 
   // Decode deferred mailboxes for about `ms` milliseconds, a chunk of up to 1,000 messages at a
-  // time (at least one); true while some remain.
+  // time (at least one), then the exactly-once table's packed replies; true while some remain.
   // The server calls this between other work after a start from a snapshot, so that mailboxes
   // are not decoded in the middle of a request, and the snapshot's memory is let go.
   warmSome (ms: number): boolean {
@@ -474,13 +557,42 @@ export class ChatState {
     if (this.deferredNext < this.deferred.length) return true
     this.deferred = []
     this.deferredNext = 0
-    return false
+    // Replies left packed keep the log's buffers in memory: make them, 1,000 at a time, in one
+    // pass over the table (replay, which packs them, is over).
+    while (this.ridPacked > 0) {
+      assert.ok(this.ridUnpackAt < this.ridReplies.length, 'packed replies miscounted')
+      const end = Math.min(this.ridReplies.length, this.ridUnpackAt + 1000)
+      for (let slot = this.ridUnpackAt; slot < end; slot++) this.ridReplyAt(slot)
+      this.ridUnpackAt = end
+      if (performance.now() >= until) break
+    }
+    if (this.ridPacked === 0) this.ridPackedLanes = null
+    return this.ridPacked > 0
+  }
+
+  // The stored reply in a slot of the exactly-once table, made now (and the entry counted in the
+  // digest) if replay left it packed.
+  private ridReplyAt (slot: number): Reply {
+    const r = this.ridReplies[slot]
+    if (r !== null) return r
+    const { bufs, starts, froms, tos } = this.ridPackedLanes!
+    const buf = bufs[slot]!
+    const start = starts[slot]
+    const m: Message = { id: sendIndex(buf, start), from: froms[slot], to: tos[slot], text: sendText(buf, start), ts: sendTs(buf, start) }
+    const reply: Reply = this.ridReplies[slot] = { ok: true, message: m }
+    bufs[slot] = null
+    this.ridPacked--
+    hashRid(this.ridSlots.keyAt(slot), this.ridTs[slot], reply)
+    this.digestAcc.addLanes(hx, hy)
+    this.ridHx[slot] = hx
+    this.ridHy[slot] = hy
+    return reply
   }
 
   // The stored reply of an applied request with this exactly-once key, if any.
   ridReply (rk: string): Reply | undefined {
     const slot = this.ridSlots.get(rk)
-    return slot < 0 ? undefined : this.ridReplies[slot]
+    return slot < 0 ? undefined : this.ridReplyAt(slot)
   }
 
   // Entries in the exactly-once table.
@@ -502,12 +614,62 @@ export class ChatState {
       const slot = (this.ridStart + k) % n
       keys[k] = this.ridSlots.keyAt(slot)
       ts[k] = this.ridTs[slot]
-      replies[k] = this.ridReplies[slot]
+      replies[k] = this.ridReplyAt(slot)
     }
     return { keys, ts, replies }
   }
 
   account (name: string): Account | undefined { return this.accounts.get(name.toLowerCase()) }
+
+  // Apply a record read back from the log at start-up (Store.recover): as apply does, except
+  // that a send whose text recovery left in the log's buffer (PackedSendRecord) and that
+  // succeeds leaves its message packed at the tail of the recipient's mailbox (Mailbox.addPacked),
+  // and its stored reply packed too (ridPackedLanes). They are decoded, and the messages counted in
+  // the digest, when first used or in the background (warmSome). Replaying a million sends then
+  // makes no message, text or reply for them, most of what replay cost.
+  replay (r: LogRecord | PackedSendRecord): void {
+    if (!('packed' in r)) {
+      this.apply(r)
+      return
+    }
+    const buf = r.packed
+    const fromAt = sendNamesAt(r.start)
+    const fromBytes = sendFromBytes(buf, r.start)
+    const from = this.accountNamed(buf, fromAt, fromBytes)
+    const to = this.accountNamed(buf, fromAt + fromBytes, sendToBytes(buf, r.start))
+    if (to === undefined || from === undefined || r.i !== this.index + 1 || (r.rk !== undefined && this.ridSlots.get(r.rk) >= 0)) {
+      this.apply(unpackSend(r)) // fails, or changes nothing, as apply says
+      return
+    }
+    this.index = r.i
+    this.lastEpoch = r.e
+    if (r.ts > this.lastTs) this.lastTs = r.ts
+    const mailbox = to.mailbox
+    if (!mailbox.hasTail) {
+      const owner = to
+      const only = !mailbox.isDeferred // one the snapshot left packed is counted once
+      mailbox.startTail((buf, start, fromName) => {
+        const m: Message = { id: sendIndex(buf, start), from: fromName, to: owner.name, text: sendText(buf, start), ts: sendTs(buf, start) }
+        this.digestAdd(owner, m, false)
+        return m
+      }, () => {
+        this.tailsPending--
+        if (only) this.tailsOnly--
+      })
+      this.tailsPending++
+      if (only) this.tailsOnly++
+      this.deferred.push(to)
+    }
+    mailbox.addPacked(r.packed, r.start, from.name, r.i)
+    if (r.rk !== undefined) {
+      const slot = this.rememberRid(r.rk, r.ts, null)
+      const lanes = this.ridPackedLanes ??= { bufs: new Array<Buffer | null>(limits.ridsMax).fill(null), starts: new Array<number>(limits.ridsMax).fill(0), froms: new Array<string>(limits.ridsMax).fill(''), tos: new Array<string>(limits.ridsMax).fill('') }
+      lanes.bufs[slot] = buf
+      lanes.starts[slot] = r.start
+      lanes.froms[slot] = from.name
+      lanes.tos[slot] = to.name
+    }
+  }
 
   // Apply one committed record. Records must arrive in index order, each exactly once.
   apply (r: LogRecord): Applied {
@@ -614,6 +776,7 @@ export class ChatState {
   }
 
   private removeAccount (a: Account): void {
+    this.nameCache = null
     a.mailbox.warm() // a deferred mailbox's share is known once it is decoded
     this.digestAcc.removeLanes(a.mailbox.hx, a.mailbox.hy)
     this.digestAcc.removeAccount(a)
@@ -621,9 +784,44 @@ export class ChatState {
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
   }
 
-  private rememberRid (key: string, ts: number, reply: Reply): void {
-    hashRid(key, ts, reply)
-    this.digestAcc.addLanes(hx, hy)
+  // The account named by the UTF-8 bytes buf[at, at + len), as account() finds it. Replay looks
+  // up two names per send: a small cache from the exact bytes to the account spares making the
+  // strings for most of them. An entry holds until an account is removed.
+  private accountNamed (buf: Buffer, at: number, len: number): Account | undefined {
+    let h = 0x811c9dc5
+    for (let k = at; k < at + len; k++) h = Math.imul(h ^ buf[k], 0x01000193)
+    h &= 0x3fffffff // a small integer, as a Map key
+    const cache = this.nameCache ??= new Map()
+    const cached = cache.get(h)
+    if (cached !== undefined && cached.bytes.length === len) {
+      const bytes = cached.bytes
+      let k = 0
+      while (k < len && bytes[k] === buf[at + k]) k++
+      if (k === len) return cached.account
+    }
+    const a = this.account(buf.toString('utf8', at, at + len))
+    if (a !== undefined && cache.size < nameCacheMax) cache.set(h, { bytes: Buffer.from(buf.subarray(at, at + len)), account: a })
+    return a
+  }
+
+  private nameCache: Map<number, { bytes: Buffer, account: Account }> | null = null
+
+  // Replay is over (Store.recover): let its cache go.
+  endReplay (): void { this.nameCache = null }
+
+  // Add an entry to the exactly-once table; the slot it takes. A null reply is one replay left
+  // packed (its lanes filled in by the caller), and the entry's hash is left for later too: most
+  // entries replay adds are evicted before the end of the log, and would be hashed for nothing.
+  // Such an entry's lanes are -1 until ridReplyAt hashes it into the digest.
+  private rememberRid (key: string, ts: number, reply: Reply | null): number {
+    if (reply === null) {
+      hx = -1
+      hy = -1
+      this.ridPacked++
+    } else {
+      hashRid(key, ts, reply)
+      this.digestAcc.addLanes(hx, hy)
+    }
     let slot = this.ridTs.length
     if (slot < limits.ridsMax) {
       this.ridTs.push(ts)
@@ -634,13 +832,18 @@ export class ChatState {
       slot = this.ridStart
       this.ridStart = (slot + 1) % limits.ridsMax
       this.ridSlots.delete(slot)
-      this.digestAcc.removeLanes(this.ridHx[slot], this.ridHy[slot])
+      if (this.ridHx[slot] >= 0) this.digestAcc.removeLanes(this.ridHx[slot], this.ridHy[slot])
+      if (this.ridReplies[slot] === null) {
+        this.ridPacked--
+        this.ridPackedLanes!.bufs[slot] = null
+      }
       this.ridTs[slot] = ts
       this.ridReplies[slot] = reply
       this.ridHx[slot] = hx
       this.ridHy[slot] = hy
     }
     this.ridSlots.set(key, slot)
+    return slot
   }
 
   // Accounts whose name matches a glob (`*`, `?`), case-insensitive, sorted; one page of them.
@@ -776,7 +979,10 @@ export class ChatState {
           break
         }
         case 'rids':
-          for (const [k, ts, reply] of c.entries) st.rememberRid(k, ts, reply)
+          for (const [k, ts, reply] of c.entries) {
+            assert.ok(typeof reply === 'object' && reply !== null, 'an exactly-once entry without its reply')
+            st.rememberRid(k, ts, reply)
+          }
           break
         default:
           throw new Error(`unknown snapshot chunk ${JSON.stringify((c as { kind: unknown }).kind)}`)

@@ -4,9 +4,9 @@
 import t from 'tap'
 import { ChatState, Mailbox, type Applied } from '../lib/state.ts'
 import { Dispatcher, type Session } from '../lib/dispatcher.ts'
-import { encodeChunkFrame, decodeFrame } from '../lib/storage/framing.ts'
+import { encodeChunkFrame, decodeFrame, encodeRecordFrame } from '../lib/storage/framing.ts'
 import { limits } from '../lib/limits.ts'
-import type { LogRecord, RecordBody } from '../lib/records.ts'
+import type { LogRecord, PackedSendRecord, RecordBody } from '../lib/records.ts'
 
 const bigCount = 30_000 // 30 chunks of up to 1,000 messages: many 2 ms slices
 
@@ -29,7 +29,7 @@ function loaded (): ChatState {
 
 // A dispatcher over the state, whose host applies each record as it is submitted, and notes
 // the op of each.
-function serve (st: ChatState): { d: Dispatcher, submitted: string[], session: (user: string) => Session & { pushed: string[] } } {
+function serve (st: ChatState, status: () => Record<string, unknown> = () => ({})): { d: Dispatcher, submitted: string[], session: (user: string) => Session & { pushed: string[] } } {
   const submitted: string[] = []
   let ts = 10_000_000
   const d = new Dispatcher({
@@ -42,7 +42,7 @@ function serve (st: ChatState): { d: Dispatcher, submitted: string[], session: (
       return applied
     },
     refuse: () => null,
-    status: () => ({})
+    status
   })
   let id = 1
   const session = (user: string): Session & { pushed: string[] } => {
@@ -52,6 +52,19 @@ function serve (st: ChatState): { d: Dispatcher, submitted: string[], session: (
     return s
   }
   return { d, submitted, session }
+}
+
+// Turns of the event loop from now until stop(), counted with setImmediate.
+function countTurns (): { readonly now: number, stop: () => number } {
+  let turns = 0
+  let done = false
+  const tick = (): void => {
+    if (done) return
+    turns++
+    setImmediate(tick)
+  }
+  setImmediate(tick)
+  return { get now () { return turns }, stop: () => { done = true; return turns } }
 }
 
 t.test('a request on a packed mailbox waits while it is decoded a slice at a time; others go on', async t => {
@@ -68,19 +81,12 @@ t.test('a request on a packed mailbox waits while it is decoded a slice at a tim
   st.account('small')!.mailbox.warm()
   t.equal(d.isPipelined('read', small), true, 'a read on a mailbox already decoded is not held up')
 
-  let turns = 0
-  let done = false
-  const tick = (): void => {
-    if (done) return
-    turns++
-    setImmediate(tick)
-  }
-  setImmediate(tick)
-  const pinged = d.handle(session('small'), { op: 'ping', id: 'p', fields: {} }).then(() => turns)
+  const turns = countTurns()
+  const pinged = d.handle(session('small'), { op: 'ping', id: 'p', fields: {} }).then(() => turns.now)
   const reply = await d.handle(big, { op: 'history', id: 1, fields: { limit: 3 } })
-  done = true
-  t.ok(turns >= 3, `decoded over ${turns} turns of the event loop`)
-  t.ok(await pinged < turns, 'a request from another client was answered meanwhile')
+  const decodedOver = turns.stop()
+  t.ok(decodedOver >= 3, `decoded over ${decodedOver} turns of the event loop`)
+  t.ok(await pinged < decodedOver, 'a request from another client was answered meanwhile')
   t.same((reply as unknown as { messages: Array<{ text: string }> }).messages.map(m => m.text), [`m${bigCount - 1}`, `m${bigCount - 2}`, `m${bigCount - 3}`])
   t.notOk(mailbox.isDeferred)
   t.equal(d.isPipelined('read', big), true, 'decoded: reads are pipelined again')
@@ -114,4 +120,29 @@ t.test('a mailbox that fails to decode fails the request that needs it, not the 
   const reply = await d.handle(session('small'), { op: 'history', id: 1, fields: {} })
   t.match(reply, { ok: false, error: { code: 'INTERNAL' } }, 'the request gets the error')
   t.match(await d.handle(session('small'), { op: 'ping', id: 2, fields: {} }), { ok: true }, 'and the dispatcher goes on')
+})
+
+t.test('a status after a replay that left messages packed waits while they are decoded; others go on', async t => {
+  // As recovery replays a log: the sends' messages stay packed at the tail of the mailbox.
+  const records: LogRecord[] = []
+  let i = 0
+  for (const user of ['big', 'small']) records.push({ op: 'register', user, salt: 's', hash: 'h', i: ++i, e: 0, ts: i })
+  while (i < bigCount) records.push({ op: 'send', from: 'small', to: 'big', text: `m${i}`, rk: `small\u0000${i}`, i: ++i, e: 0, ts: i })
+  const st = new ChatState()
+  const whole = new ChatState()
+  for (const r of records) {
+    const f = decodeFrame(encodeRecordFrame(r), 0, limits.recordBytesMax, false, true)
+    if (f.kind !== 'ok') throw new Error(`frame: ${f.kind}`)
+    st.replay(f.value as unknown as LogRecord | PackedSendRecord)
+    whole.apply(r)
+  }
+  t.ok(st.digestPending, 'the digest needs the packed messages')
+  const { d, session } = serve(st, () => ({ digest: st.digest(), pending: st.digestPending }))
+  const turns = countTurns()
+  const pinged = d.handle(session('small'), { op: 'ping', id: 'p', fields: {} }).then(() => turns.now)
+  const reply = await d.handle(session('small'), { op: 'status', id: 1, fields: {} })
+  const decodedOver = turns.stop()
+  t.ok(decodedOver >= 3, `decoded over ${decodedOver} turns of the event loop`)
+  t.ok(await pinged < decodedOver, 'a request from another client was answered meanwhile')
+  t.match(reply, { ok: true, digest: whole.digest(), pending: false }, 'the digest of the whole state, known when asked for')
 })

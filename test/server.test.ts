@@ -3,6 +3,11 @@
 import t from 'tap'
 import fs from 'node:fs'
 import net from 'node:net'
+import path from 'node:path'
+import { ChatState } from '../lib/state.ts'
+import { limits } from '../lib/limits.ts'
+import { segmentName } from '../lib/storage/log.ts'
+import { records, batch } from './helpers/storage.ts'
 import { startServer, runServer, tmpDir, RawConn, waitFor, floodWithoutReading } from './helpers/spawn.ts'
 
 t.test('the executable: readiness line, flags, signals', async t => {
@@ -59,6 +64,25 @@ t.test('the executable: readiness line, flags, signals', async t => {
   t.equal(newer.code, 1, 'a directory in a newer format: exits non-zero')
   t.match(newer.stderr, /format 3, and this server knows formats up to 2: it was written by a newer version; refusing to start/)
   t.notMatch(newer.stderr, /\bat .*\.ts:\d+/, 'no stack trace')
+})
+
+t.test('a restart replaying a log of over 16 MiB: checksums on a second thread, messages left packed, the same state', async t => {
+  const data = tmpDir(t, 'replay')
+  const n = 200_000
+  const rs = records(1, n) // the storage tests' history: sends, reads, marks, deletions, a deleted account
+  const log = path.join(data, segmentName(1))
+  fs.writeFileSync(log, batch(rs).frames)
+  t.ok(fs.statSync(log).size >= limits.parallelChecksumBytes, `${fs.statSync(log).size} bytes`)
+  const expected = new ChatState()
+  for (const r of rs) expected.apply(r)
+  const s = await startServer(t, { data, args: ['--snapshot-every-records', String(Number.MAX_SAFE_INTEGER)] })
+  const rec = JSON.parse(await waitFor(() => s.stderr().split('\n').find(l => l.includes('"recovered"')), 10_000, 'the recovered line'))
+  t.match(rec, { replayed: n, checksums: 'parallel' }, 'the checksums were checked on the second thread')
+  t.ok(rec.packedMailboxes > 0, 'messages were left packed')
+  const c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  t.match(await c.req({ op: 'status' }), { ok: true, index: n, digest: expected.digest() }, 'the state applying the records builds')
+  t.notMatch(s.stderr(), /recovering again/)
 })
 
 t.test('a restart from a snapshot: mailboxes decoded in the background, the same messages served', async t => {

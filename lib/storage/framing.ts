@@ -42,7 +42,7 @@
 
 import zlib from 'node:zlib'
 import { limits } from '../limits.ts'
-import type { LogRecord, SendRecord } from '../records.ts'
+import type { LogRecord, PackedSendRecord, SendRecord } from '../records.ts'
 import type { SnapshotMessage } from '../state.ts'
 
 export const frameHeaderBytes = 8
@@ -102,8 +102,10 @@ export function encodeRecordFrame (r: LogRecord): Buffer {
 // the encoding; decodeSend has checked the bounds itself, and calls it four times per record.
 const utf8Slice = (Buffer.prototype as unknown as { utf8Slice: (this: Buffer, start: number, end: number) => string }).utf8Slice
 
-// The send record in buf[start, end), or null if the lengths do not fill it exactly.
-function decodeSend (buf: Buffer, start: number, end: number): SendRecord | null {
+// The send record in buf[start, end), or null if the lengths do not fill it exactly. With
+// packText, its text is not decoded: the record says where its payload starts instead (see
+// PackedSendRecord, and sendText).
+function decodeSend (buf: Buffer, start: number, end: number, packText = false): SendRecord | PackedSendRecord | null {
   if (end - start < sendHeadBytes) return null
   const fromLen = buf.readUInt16LE(start + 25)
   const toLen = buf.readUInt16LE(start + 27)
@@ -114,10 +116,39 @@ function decodeSend (buf: Buffer, start: number, end: number): SendRecord | null
   const e = buf.readDoubleLE(start + 9)
   const ts = buf.readDoubleLE(start + 17)
   let p = start + sendHeadBytes
+  if (packText) {
+    p += fromLen + toLen
+    return { op: 'send', rk: rkLen < 0 ? undefined : utf8Slice.call(buf, p, p + rkLen), i, e, ts, packed: buf, start }
+  }
   const from = utf8Slice.call(buf, p, p += fromLen)
   const to = utf8Slice.call(buf, p, p += toLen)
   const rk = rkLen < 0 ? undefined : utf8Slice.call(buf, p, p += rkLen)
   const text = utf8Slice.call(buf, p, end)
+  return rk === undefined ? { op: 'send', from, to, text, i, e, ts } : { op: 'send', from, to, text, rk, i, e, ts }
+}
+
+// What a packed send record (PackedSendRecord) left in its buffer, read from the payload at
+// buf[start] (which decodeSend checked): its text, index and time; and where its names lie, the
+// sender's from sendNamesAt, sendFromBytes long, then the recipient's, sendToBytes long.
+export function sendText (buf: Buffer, start: number): string {
+  const textAt = start + sendHeadBytes + buf.readUInt16LE(start + 25) + buf.readUInt16LE(start + 27) + Math.max(buf.readUInt16LE(start + 29) - 1, 0)
+  return utf8Slice.call(buf, textAt, textAt + buf.readUInt32LE(start + 31))
+}
+
+export function sendIndex (buf: Buffer, start: number): number { return buf.readDoubleLE(start + 1) }
+export function sendTs (buf: Buffer, start: number): number { return buf.readDoubleLE(start + 17) }
+export function sendNamesAt (start: number): number { return start + sendHeadBytes }
+export function sendFromBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 25) }
+export function sendToBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 27) }
+
+// A packed send record made whole again, as decodeSend would have made it.
+export function unpackSend (r: PackedSendRecord): SendRecord {
+  const { packed: buf, start, rk, i, e, ts } = r
+  const text = sendText(buf, start)
+  const fromAt = sendNamesAt(start)
+  const toAt = fromAt + sendFromBytes(buf, start)
+  const from = utf8Slice.call(buf, fromAt, toAt)
+  const to = utf8Slice.call(buf, toAt, toAt + sendToBytes(buf, start))
   return rk === undefined ? { op: 'send', from, to, text, i, e, ts } : { op: 'send', from, to, text, rk, i, e, ts }
 }
 
@@ -217,17 +248,19 @@ export type FrameResult =
   | { kind: 'bad', why: string } // length out of range, CRC mismatch or not a JSON object
 
 // Decode the frame at `offset`. Never throws on bad input. With packMessages, a binary messages
-// chunk is checked but not decoded (see packedMessages).
-export function decodeFrame (buf: Buffer, offset: number, max: number = limits.recordBytesMax, packMessages = false): FrameResult {
+// chunk is checked but not decoded (see packedMessages); with packSends, a send record's text
+// is left in buf (see PackedSendRecord). checkCrc false skips the checksum, for a caller that
+// has it checked otherwise (checksums.ts).
+export function decodeFrame (buf: Buffer, offset: number, max: number = limits.recordBytesMax, packMessages = false, packSends = false, checkCrc = true): FrameResult {
   if (buf.length - offset < frameHeaderBytes) return { kind: 'short' }
   const len = buf.readUInt32LE(offset)
   if (len === 0 || len > max) return { kind: 'bad', why: `length ${len} out of range` }
   const end = offset + frameHeaderBytes + len
   if (end > buf.length) return { kind: 'short' }
   const start = offset + frameHeaderBytes
-  if (zlib.crc32(buf.subarray(start, end)) !== buf.readUInt32LE(offset + 4)) return { kind: 'bad', why: 'checksum mismatch' }
+  if (checkCrc && zlib.crc32(buf.subarray(start, end)) !== buf.readUInt32LE(offset + 4)) return { kind: 'bad', why: 'checksum mismatch' }
   if (buf[start] === sendTag) {
-    const r = decodeSend(buf, start, end)
+    const r = decodeSend(buf, start, end, packSends)
     return r === null ? { kind: 'bad', why: 'malformed send record' } : { kind: 'ok', value: r as unknown as Record<string, unknown>, next: end }
   }
   if (buf[start] === messagesTag) {

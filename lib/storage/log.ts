@@ -23,12 +23,14 @@
 // the last segment is a torn write from a crash: it is truncated with a warning. A damaged frame
 // with a valid frame anywhere after it is corruption, and recovery refuses, naming file and offset.
 
+import fs from 'node:fs'
 import path from 'node:path'
-import { decodeFrame, validFrameAfter } from './framing.ts'
-import { type FileOps, writeAll, fsyncDir } from './files.ts'
+import { decodeFrame, validFrameAfter, type FrameResult } from './framing.ts'
+import { type FileOps, realFiles, writeAll, fsyncDir } from './files.ts'
 import { errors, ChatError } from '../errors.ts'
 import { limits } from '../limits.ts'
-import type { LogRecord } from '../records.ts'
+import type { LogRecord, PackedSendRecord } from '../records.ts'
+import { ParallelChecksums, ChecksumRecheck } from './checksums.ts'
 import { crashPoint, noteDurable } from '../fault-hooks.ts'
 
 const segmentPattern = /^log-(\d{20})\.wal$/
@@ -46,6 +48,14 @@ interface Segment {
   file: string
 }
 
+export interface RecoverOptions {
+  // Hand send records over with their text left in the segment's buffer (PackedSendRecord).
+  packSends?: boolean
+  // Check the frames' checksums on a helper thread (checksums.ts) when the segments hold at
+  // least this many bytes in all; inline by default.
+  parallelChecksumBytes?: number
+}
+
 export interface RecoveryResult {
   lastIndex: number // last valid record in the log, or afterIndex if the log holds nothing newer
   truncatedBytes: number
@@ -55,6 +65,11 @@ export type Warn = (msg: string, fields?: Record<string, unknown>) => void
 
 function isRecord (v: Record<string, unknown>): v is Record<string, unknown> & LogRecord {
   return Number.isSafeInteger(v.i) && (v.i as number) > 0 && typeof v.op === 'string' && Number.isSafeInteger(v.e) && typeof v.ts === 'number'
+}
+
+// What makes a decoded frame unusable as a log record, or null.
+function frameFault (f: FrameResult): string | null {
+  return f.kind === 'bad' ? f.why : f.kind === 'short' ? 'frame cut short' : isRecord(f.value) ? null : 'not a log record'
 }
 
 const zeros = Buffer.alloc(64 * 1024)
@@ -90,13 +105,35 @@ export class SegmentLog {
   }
 
   // Read the log, hand every record with index > afterIndex to onRecord in order, truncate a torn
-  // tail, and open the last segment for appending. Throws CorruptLogError on corruption.
-  recover (afterIndex: number, onRecord: (r: LogRecord) => void): RecoveryResult {
+  // tail, and open the last segment for appending. Throws CorruptLogError on corruption. See
+  // RecoverOptions; with parallelChecksumBytes it may also throw ChecksumRecheck, after which the
+  // caller recovers again, from scratch, without.
+  // Whether the last recover checked the checksums on the helper thread.
+  checksumsInParallel = false
+
+  recover (afterIndex: number, onRecord: (r: LogRecord) => void, opts?: RecoverOptions & { packSends?: false }): RecoveryResult
+  recover (afterIndex: number, onRecord: (r: LogRecord | PackedSendRecord) => void, opts: RecoverOptions): RecoveryResult
+  recover (afterIndex: number, onRecord: ((r: LogRecord) => void) | ((r: LogRecord | PackedSendRecord) => void), opts: RecoverOptions = {}): RecoveryResult {
+    const packSends = opts.packSends ?? false
     this.segments = this.files.readdirSync(this.dir)
       .map(f => segmentPattern.exec(f))
       .filter((m): m is RegExpExecArray => m !== null)
       .map(m => ({ firstIndex: Number(m[1]), file: path.join(this.dir, m[0]) }))
       .sort((a, b) => a.firstIndex - b.firstIndex)
+    const files = this.segments.map(seg => seg.file)
+    // The helper thread reads the files itself, so only with the real file system.
+    const parallel = this.files === realFiles && opts.parallelChecksumBytes !== undefined && files.reduce((n, f) => n + fs.statSync(f).size, 0) >= opts.parallelChecksumBytes
+      ? new ParallelChecksums(files, limits.recordBytesMax)
+      : null
+    this.checksumsInParallel = parallel !== null
+    try {
+      return this.recoverSegments(afterIndex, onRecord as (r: LogRecord | PackedSendRecord) => void, packSends, parallel)
+    } finally {
+      parallel?.close()
+    }
+  }
+
+  private recoverSegments (afterIndex: number, onRecord: (r: LogRecord | PackedSendRecord) => void, packSends: boolean, parallel: ParallelChecksums | null): RecoveryResult {
     let prev: number | null = null
     let truncatedBytes = 0
     let end = 0 // where the records of the last segment end
@@ -106,28 +143,45 @@ export class SegmentLog {
       if (prev !== null && seg.firstIndex !== prev + 1) throw new CorruptLogError(seg.file, 0, `segment starts at ${seg.firstIndex} but the previous one ends at ${prev}`)
       const buf = this.files.readFileSync(seg.file)
       let off = 0
-      while (off < buf.length) {
-        if (buf[off] === 0 && allZero(buf, off)) break // preallocated space
-        const f = decodeFrame(buf, off)
-        const why = f.kind === 'bad' ? f.why : f.kind === 'short' ? 'frame cut short' : isRecord(f.value) ? null : 'not a log record'
-        if (why !== null || f.kind !== 'ok') {
-          // Even a frame cut short is corruption if valid frames follow: its length field may be
-          // what was damaged.
-          if (last && !validFrameAfter(buf, off)) {
-            this.warn('truncating a torn write at the end of the log', { file: seg.file, offset: off, bytes: buf.length - off, why })
-            truncatedBytes = buf.length - off
-            this.truncateFile(seg.file, off)
-            break
+      let used = false // whether the frame at off has been handed on (an error came from it)
+      try {
+        while (off < buf.length) {
+          if (buf[off] === 0 && allZero(buf, off)) break // preallocated space
+          let f = decodeFrame(buf, off, limits.recordBytesMax, false, packSends, parallel === null)
+          let why = frameFault(f)
+          if (why !== null && parallel !== null) {
+            // Before acting on a bad frame, know that the frames before it were good; and say
+            // what is wrong with it as the inline check would.
+            parallel.confirm(k, buf.length, off)
+            f = decodeFrame(buf, off, limits.recordBytesMax, false, packSends)
+            why = frameFault(f)
           }
-          throw new CorruptLogError(seg.file, off, why ?? 'bad frame')
+          if (why !== null || f.kind !== 'ok') {
+            // Even a frame cut short is corruption if valid frames follow: its length field may be
+            // what was damaged.
+            if (last && !validFrameAfter(buf, off)) {
+              this.warn('truncating a torn write at the end of the log', { file: seg.file, offset: off, bytes: buf.length - off, why })
+              truncatedBytes = buf.length - off
+              this.truncateFile(seg.file, off)
+              break
+            }
+            throw new CorruptLogError(seg.file, off, why ?? 'bad frame')
+          }
+          used = true
+          const r = f.value as unknown as LogRecord | PackedSendRecord
+          const expected: number = prev === null ? seg.firstIndex : prev + 1
+          if (r.i !== expected) throw new CorruptLogError(seg.file, off, `record index ${r.i} where ${expected} was expected`)
+          if (prev === null && r.i > afterIndex + 1) throw new CorruptLogError(seg.file, off, `log resumes at ${r.i} but the snapshot ends at ${afterIndex}`)
+          if (r.i > afterIndex) onRecord(r)
+          used = false
+          prev = r.i
+          off = f.next
         }
-        const r = f.value as unknown as LogRecord
-        const expected: number = prev === null ? seg.firstIndex : prev + 1
-        if (r.i !== expected) throw new CorruptLogError(seg.file, off, `record index ${r.i} where ${expected} was expected`)
-        if (prev === null && r.i > afterIndex + 1) throw new CorruptLogError(seg.file, off, `log resumes at ${r.i} but the snapshot ends at ${afterIndex}`)
-        if (r.i > afterIndex) onRecord(r)
-        prev = r.i
-        off = f.next
+        parallel?.confirm(k, buf.length, off)
+      } catch (e) {
+        // An error from a frame whose checksum the helper has not vouched for may be its damage.
+        if (parallel !== null && !(e instanceof ChecksumRecheck)) parallel.confirm(k, buf.length, off, used)
+        throw e
       }
       end = Math.min(off, buf.length)
       if (prev === null) {

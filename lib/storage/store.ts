@@ -2,7 +2,9 @@
 // together (recover on open, snapshot every N records or M bytes, then drop the covered log).
 
 import { ChatState } from '../state.ts'
-import type { LogRecord } from '../records.ts'
+import type { LogRecord, PackedSendRecord } from '../records.ts'
+import { unpackSend } from './framing.ts'
+import { ChecksumRecheck } from './checksums.ts'
 import { SegmentLog, type Warn } from './log.ts'
 import { writeSnapshot, writeSnapshotInSlices, openNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
 import { type FileOps, realFiles, makeDirs } from './files.ts'
@@ -26,6 +28,9 @@ export interface StoreOptions {
   // Start a new log segment once the open one holds this many bytes (see log.ts); default
   // limits.logSegmentBytes.
   segmentBytes?: number
+  // Check the log's checksums on a helper thread during recovery once its segments hold this
+  // many bytes (see checksums.ts); default limits.parallelChecksumBytes.
+  parallelChecksumBytes?: number
   // How long a due background snapshot spends decoding a state's deferred mailboxes before it
   // waits for a later write (see maybeSnapshot); default 2 ms, and at least one chunk.
   warmSliceMs?: number
@@ -37,6 +42,9 @@ export interface Recovered {
   replayed: number
   truncatedBytes: number
   unapplied: LogRecord[] // records in the log after applyLimit, in order
+  // How the log's checksums were checked: inline, on a second thread (see checksums.ts), or
+  // inline again after the second thread found a record that had been applied failed its CRC.
+  checksums: 'inline' | 'parallel' | 'rechecked'
 }
 
 export class Store {
@@ -53,6 +61,7 @@ export class Store {
   private readonly background: boolean
   private writing: { cancelled: boolean } | null = null // a snapshot being written in slices
   private readonly warmSliceMs: number
+  private readonly parallelChecksumBytes: number
 
   constructor (opts: StoreOptions) {
     this.dir = opts.dir
@@ -63,6 +72,7 @@ export class Store {
     this.everyBytes = opts.snapshotEveryBytes ?? limits.snapshotEveryBytes
     this.background = opts.backgroundSnapshots ?? false
     this.warmSliceMs = opts.warmSliceMs ?? 2
+    this.parallelChecksumBytes = opts.parallelChecksumBytes ?? limits.parallelChecksumBytes
     makeDirs(this.dir)
     this.log = new SegmentLog(this.dir, this.files, this.warn, opts.preallocateBytes ?? 0, opts.segmentBytes)
   }
@@ -73,20 +83,34 @@ export class Store {
   // a newer version wrote it.
   recover (applyLimit = Number.MAX_SAFE_INTEGER): Recovered {
     checkFormat(this.files, this.dir)
+    try {
+      return this.recoverOnce(applyLimit, this.parallelChecksumBytes)
+    } catch (e) {
+      if (!(e instanceof ChecksumRecheck)) throw e
+      // A record that failed its checksum may have been applied: start over, checking inline.
+      this.warn('recovering again with the log checksums checked inline', { why: e.message })
+      return { ...this.recoverOnce(applyLimit, undefined), checksums: 'rechecked' }
+    }
+  }
+
+  private recoverOnce (applyLimit: number, parallelChecksumBytes: number | undefined): Recovered {
     const snap = openNewestSnapshot(this.files, this.dir, true)
     const state = snap ? ChatState.fromSnapshotChunks(snap.chunks) : new ChatState()
     this.snapshotIndex = state.index
     let replayed = 0
     const unapplied: LogRecord[] = []
-    const { truncatedBytes } = this.log.recover(state.index, (r: LogRecord) => {
+    // Sends come with their text still in the log's buffer, and most stay packed in the state
+    // until first used (ChatState.replay).
+    const { truncatedBytes } = this.log.recover(state.index, (r: LogRecord | PackedSendRecord) => {
       if (r.i <= applyLimit && unapplied.length === 0) {
-        state.apply(r)
+        state.replay(r)
         replayed++
-      } else unapplied.push(r)
-    })
+      } else unapplied.push('packed' in r ? unpackSend(r) : r)
+    }, { packSends: true, parallelChecksumBytes })
+    state.endReplay()
     this.bytesSinceSnapshot = this.log.currentSegmentBytes
     removeOldSnapshots(this.files, this.dir, this.snapshotIndex)
-    return { state, snapshotIndex: this.snapshotIndex, replayed, truncatedBytes, unapplied }
+    return { state, snapshotIndex: this.snapshotIndex, replayed, truncatedBytes, unapplied, checksums: this.log.checksumsInParallel ? 'parallel' : 'inline' }
   }
 
   // Replace everything with a snapshot received from a peer: write it durably, then start an

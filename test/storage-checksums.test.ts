@@ -1,0 +1,159 @@
+// Recovery with the log's checksums checked on a helper thread (storage/checksums.ts) must end
+// exactly as recovery checking them inline does, whatever the damage: the same state, the same
+// truncation, the same refusal naming the same file and offset.
+import t, { type Test } from 'tap'
+import fs from 'node:fs'
+import path from 'node:path'
+import { Store } from '../lib/storage/store.ts'
+import { SegmentLog, CorruptLogError, segmentName } from '../lib/storage/log.ts'
+import { ParallelChecksums, ChecksumRecheck } from '../lib/storage/checksums.ts'
+import { realFiles } from '../lib/storage/files.ts'
+import { limits } from '../lib/limits.ts'
+import { tempDir, records, batch, frameSpans, thrown, stateView } from './helpers/storage.ts'
+
+const n = 301 // records 1..301 of the helpers' history, in segments of about 2 KiB; the last a send
+
+// A data directory holding the log; its segment files, in order.
+function writeLog (t: Test): { dir: string, segments: string[] } {
+  const dir = tempDir(t, 'crc')
+  const store = new Store({ dir, segmentBytes: 2048, snapshotEveryRecords: Number.MAX_SAFE_INTEGER, snapshotEveryBytes: Number.MAX_SAFE_INTEGER })
+  store.recover()
+  for (let i = 1; i <= n; i += 3) store.append(batch(records(i, Math.min(n, i + 2))))
+  store.close()
+  const segments = fs.readdirSync(dir).filter(f => f.endsWith('.wal')).sort().map(f => path.join(dir, f))
+  return { dir, segments }
+}
+
+interface Outcome { error?: string, view?: Record<string, unknown>, truncatedBytes?: number, files: Record<string, number>, warnings: string[] }
+
+// Recover a copy of dir, checking the checksums on the helper thread or inline; what came of it,
+// with the copy's path taken out of messages.
+function recoverCopy (t: Test, dir: string, parallel: boolean): Outcome {
+  const copy = tempDir(t, parallel ? 'crc-parallel' : 'crc-inline')
+  fs.cpSync(dir, copy, { recursive: true })
+  const warnings: string[] = []
+  const store = new Store({ dir: copy, parallelChecksumBytes: parallel ? 0 : Number.MAX_SAFE_INTEGER, warn: (msg, fields) => { warnings.push(`${msg} ${JSON.stringify(fields ?? {})}`.replaceAll(copy, 'DIR')) } })
+  const out: Outcome = { files: {}, warnings }
+  try {
+    const r = store.recover()
+    out.view = stateView(r.state)
+    out.truncatedBytes = r.truncatedBytes
+  } catch (e) {
+    out.error = String(e).replaceAll(copy, 'DIR')
+  } finally {
+    store.close()
+  }
+  for (const f of fs.readdirSync(copy).sort()) out.files[f] = fs.statSync(path.join(copy, f)).size
+  return out
+}
+
+const rechecked = (o: Outcome): boolean => o.warnings.some(w => w.startsWith('recovering again with the log checksums checked inline'))
+
+// Parallel and inline recovery of dir end the same; whether the parallel one had to recheck.
+function sameBothWays (t: Test, dir: string, what: string): { parallel: Outcome, inline: Outcome } {
+  const inline = recoverCopy(t, dir, false)
+  const parallel = recoverCopy(t, dir, true)
+  t.same({ ...parallel, warnings: parallel.warnings.filter(w => !w.startsWith('recovering again')) }, inline, `${what}: the same outcome`)
+  return { parallel, inline }
+}
+
+t.test('a clean log of several segments: the same state, nothing rechecked', async t => {
+  const { dir, segments } = writeLog(t)
+  t.ok(segments.length >= 5, `${segments.length} segments`)
+  const { parallel } = sameBothWays(t, dir, 'clean')
+  t.equal(parallel.error, undefined)
+  t.equal((parallel.view as { index: number }).index, n)
+  t.notOk(rechecked(parallel))
+})
+
+t.test('a payload byte damaged in the middle: the helper catches what decoding missed, and recovery refuses as inline', async t => {
+  const { dir, segments } = writeLog(t)
+  const file = segments[2]
+  const clean = fs.readFileSync(file)
+  const spans = frameSpans(clean)
+  const sends = spans.filter(s => clean[s.start + 8] === 0x01) // binary send records
+  const json = spans.filter(s => clean[s.start + 8] === 0x7b)
+  t.ok(sends.length >= 2 && json.length >= 1)
+  for (const [what, span, missed] of [['a send\'s text', sends[0], true], ['a send\'s text', sends[1], true], ['a JSON record\'s closing brace', json[0], false]] as const) {
+    const damaged = Buffer.from(clean)
+    damaged[span.end - 1] ^= 0x01 // a send: decodes fine and fails its CRC; JSON: does not parse
+    fs.writeFileSync(file, damaged)
+    const { parallel } = sameBothWays(t, dir, `${what} at ${span.start}`)
+    t.match(parallel.error, new RegExp(`corrupt log DIR/${path.basename(file)} at offset ${span.start}: checksum mismatch`))
+    t.equal(rechecked(parallel), missed, missed ? 'decoding missed it: recovered again inline' : 'decoding stopped there itself: no recheck')
+    // The log alone says so with ChecksumRecheck.
+    const log = new SegmentLog(dir, realFiles, () => {})
+    t.type(thrown(() => log.recover(0, () => {}, { parallelChecksumBytes: 0 })), missed ? ChecksumRecheck : CorruptLogError)
+    log.close()
+  }
+  fs.writeFileSync(file, clean)
+})
+
+t.test('a damaged index: the error decoding met is the damage the checksum shows', async t => {
+  const { dir, segments } = writeLog(t)
+  const file = segments[1]
+  const span = frameSpans(fs.readFileSync(file))[1]
+  const damaged = fs.readFileSync(file)
+  damaged[span.start + 8 + 1] ^= 0x01 // a send's index (binary) or the JSON's first key: bad either way
+  fs.writeFileSync(file, damaged)
+  const { parallel } = sameBothWays(t, dir, 'damaged index')
+  t.match(parallel.error, /checksum mismatch/)
+})
+
+t.test('a damaged length field: refused at once, as inline, without a recheck', async t => {
+  const { dir, segments } = writeLog(t)
+  const file = segments[1]
+  const span = frameSpans(fs.readFileSync(file))[2]
+  const damaged = fs.readFileSync(file)
+  damaged[span.start + 3] ^= 0x40 // far beyond recordBytesMax
+  fs.writeFileSync(file, damaged)
+  const { parallel } = sameBothWays(t, dir, 'damaged length')
+  t.match(parallel.error, /out of range/)
+  t.notOk(rechecked(parallel), 'the helper stopped at the same frame')
+})
+
+t.test('the last record torn at every third byte, or damaged: truncated as inline', async t => {
+  const { dir, segments } = writeLog(t)
+  const file = segments[segments.length - 1]
+  const clean = fs.readFileSync(file)
+  const spans = frameSpans(clean)
+  const last = spans[spans.length - 1]
+  for (let cut = last.start; cut < last.end; cut += 3) {
+    fs.writeFileSync(file, clean.subarray(0, cut))
+    const { parallel } = sameBothWays(t, dir, `cut at ${cut}`)
+    t.equal(parallel.truncatedBytes, cut - last.start)
+  }
+  t.equal(clean[last.start + 8], 0x01, 'the last record is a send')
+  const damaged = Buffer.from(clean)
+  damaged[last.end - 1] ^= 0x01 // the last byte of its text
+  fs.writeFileSync(file, damaged)
+  const { parallel } = sameBothWays(t, dir, 'last byte damaged')
+  t.equal(parallel.truncatedBytes, last.end - last.start, 'the whole last record')
+  t.ok(rechecked(parallel), 'decoding took the damaged record; the helper did not vouch for it')
+})
+
+t.test('the helper: a file it cannot read, or that is not what recovery read, means checking again', async t => {
+  const dir = tempDir(t, 'crc')
+  const file = path.join(dir, segmentName(1))
+  fs.writeFileSync(file, batch(records(1, 5)).frames)
+  const size = fs.statSync(file).size
+  const check = new ParallelChecksums([file, path.join(dir, 'missing.wal')], limits.recordBytesMax)
+  t.teardown(() => check.close())
+  t.doesNotThrow(() => check.confirm(0, size, size), 'every frame good')
+  t.type(thrown(() => check.confirm(0, size, size, true)), ChecksumRecheck, 'a frame used where the helper found none')
+  t.match(thrown(() => check.confirm(0, size + 1, size)), { message: /could not read .* as recovery did/ }, 'another length')
+  t.match(thrown(() => check.confirm(1, 0, 0)), { message: /could not read/ }, 'a missing file')
+  const slow = new ParallelChecksums([file], limits.recordBytesMax, 0)
+  t.teardown(() => slow.close())
+  const e = thrown(() => slow.confirm(0, size, size))
+  t.ok(e === undefined || (e instanceof ChecksumRecheck && /no report/.test(e.message)), 'no report in time: check again (or it was quick)')
+})
+
+t.test('a log too small for the helper is checked inline', async t => {
+  const { dir } = writeLog(t)
+  const warnings: string[] = []
+  const store = new Store({ dir, warn: msg => { warnings.push(msg) } })
+  t.teardown(() => store.close())
+  t.equal(store.recover().replayed, n)
+  t.ok(fs.readdirSync(dir).filter(f => f.endsWith('.wal')).reduce((s, f) => s + fs.statSync(path.join(dir, f)).size, 0) < limits.parallelChecksumBytes)
+})
