@@ -63,7 +63,9 @@ export class ParallelChecksums {
 
   // files: the segments, in order; each is walked as soon as the thread is free. max: the largest
   // frame payload allowed.
-  constructor (private readonly files: readonly string[], max: number, private readonly waitMs = 120_000) {
+  // waitMs: how long confirm waits for a segment's report before it gives up on the helper (it
+  // reads a gigabyte a second or so here; a helper that died never reports).
+  constructor (private readonly files: readonly string[], max: number, private readonly waitMs = 30_000) {
     this.results = new Int32Array(new SharedArrayBuffer(8 * Math.max(1, files.length))).fill(-1)
     // execArgv []: none of this process's loaders (tsx), which the helper does not need.
     this.worker = new Worker(helperSource, { eval: true, execArgv: [], workerData: { results: this.results.buffer } })

@@ -67,6 +67,15 @@ function isRecord (v: Record<string, unknown>): v is Record<string, unknown> & L
   return Number.isSafeInteger(v.i) && (v.i as number) > 0 && typeof v.op === 'string' && Number.isSafeInteger(v.e) && typeof v.ts === 'number'
 }
 
+// The helper thread for `files`, or null (check inline) if no thread can be started.
+function startChecksums (files: string[]): ParallelChecksums | null {
+  try {
+    return new ParallelChecksums(files, limits.recordBytesMax)
+  } catch {
+    return null
+  }
+}
+
 // What makes a decoded frame unusable as a log record, or null.
 function frameFault (f: FrameResult): string | null {
   return f.kind === 'bad' ? f.why : f.kind === 'short' ? 'frame cut short' : isRecord(f.value) ? null : 'not a log record'
@@ -123,7 +132,7 @@ export class SegmentLog {
     const files = this.segments.map(seg => seg.file)
     // The helper thread reads the files itself, so only with the real file system.
     const parallel = this.files === realFiles && opts.parallelChecksumBytes !== undefined && files.reduce((n, f) => n + fs.statSync(f).size, 0) >= opts.parallelChecksumBytes
-      ? new ParallelChecksums(files, limits.recordBytesMax)
+      ? startChecksums(files)
       : null
     this.checksumsInParallel = parallel !== null
     try {
