@@ -70,11 +70,27 @@ export class Mailbox {
   // part is left; once none is, they go in front of whatever was added meanwhile. `count` and
   // `unread` say how many there are in all, and how many of them unread.
   private deferred: { next: (into: Mailbox) => boolean, early: Mailbox, count: number, unread: number } | null = null
-  // The packed tail: from `next` on, each entry is a send record's payload (bufs[k], starts[k])
-  // and its sender's name as the state knew it (items[k]), or, where bufs[k] is null, a message
-  // added after them (items[k]). `decode` makes a packed entry's message; `done` is called once
-  // the tail is empty. lastId: of the last entry.
-  private tail: { bufs: Array<Buffer | null>, starts: number[], items: Array<string | Message>, next: number, lastId: number, decode: (buf: Buffer, start: number, from: string) => Message, done: () => void } | null = null
+  // The packed tail: from `next` on, each entry is a message's id (ids[k]) and either a send
+  // record's payload, at starts[k] in its buffer, with its sender's name as the state knew it
+  // (items[k]), or, where starts[k] is -1, a message added after them (items[k]). The buffers
+  // come in runs: bufs[r] holds the payloads of the entries from bufAt[r] on; `run` is the one
+  // of the entry at `next`. All are unread but those in `read` (marked while in the tail;
+  // `readLeft` of them not yet moved out). `decode` makes a packed entry's message; `done` is
+  // called once the tail is empty. lastId: of the last entry.
+  private tail: {
+    ids: number[]
+    starts: number[]
+    bufs: Buffer[]
+    bufAt: number[]
+    run: number
+    lastId: number
+    items: Array<string | Message>
+    next: number
+    read: Set<number> | null
+    readLeft: number
+    decode: (buf: Buffer, start: number, from: string, read: boolean) => Message
+    done: () => void
+  } | null = null
 
   constructor (
     private ids: number[] = [],
@@ -84,8 +100,8 @@ export class Mailbox {
 
   // While messages are deferred, nothing has been read or removed (either decodes them first).
   get size (): number { return this.ids.length + (this.deferred?.count ?? 0) + this.tailCount }
-  get unreadCount (): number { return this.unread.length - this.unreadHead + (this.deferred?.unread ?? 0) + this.tailCount }
-  private get tailCount (): number { return this.tail === null ? 0 : this.tail.bufs.length - this.tail.next }
+  get unreadCount (): number { return this.unread.length - this.unreadHead + (this.deferred?.unread ?? 0) + this.tailCount - (this.tail?.readLeft ?? 0) }
+  private get tailCount (): number { return this.tail === null ? 0 : this.tail.ids.length - this.tail.next }
 
   add (m: Message, read: boolean): void {
     const t = this.tail
@@ -94,8 +110,8 @@ export class Mailbox {
         while (this.tailStep(Infinity));
       } else {
         if (t.lastId >= m.id) assert.fail('message ids must grow')
-        t.bufs.push(null)
-        t.starts.push(0)
+        t.ids.push(m.id)
+        t.starts.push(-1)
         t.items.push(m)
         t.lastId = m.id
         return
@@ -132,10 +148,11 @@ export class Mailbox {
   get hasTail (): boolean { return this.tail !== null }
 
   // Start a packed tail, to which addPacked adds: `decode` makes the message of a send record's
-  // payload, given its sender's name; `done` is called once the whole tail has been decoded.
-  startTail (decode: (buf: Buffer, start: number, from: string) => Message, done: () => void): void {
+  // payload, given its sender's name (and whether it was read, for the digest); `done` is called
+  // once the whole tail has been decoded.
+  startTail (decode: (buf: Buffer, start: number, from: string, read: boolean) => Message, done: () => void): void {
     assert.ok(this.tail === null, 'a mailbox has one packed tail at a time')
-    this.tail = { bufs: [], starts: [], items: [], next: 0, lastId: this.ids.length > 0 ? this.ids[this.ids.length - 1] : 0, decode, done }
+    this.tail = { ids: [], starts: [], bufs: [], bufAt: [], run: 0, lastId: this.ids.length > 0 ? this.ids[this.ids.length - 1] : 0, items: [], next: 0, read: null, readLeft: 0, decode, done }
   }
 
   // Add, unread, the message of the send record (index `id`) whose payload starts at buf[start],
@@ -143,7 +160,11 @@ export class Mailbox {
   addPacked (buf: Buffer, start: number, from: string, id: number): void {
     const t = this.tail!
     if (t.lastId >= id) assert.fail('message ids must grow')
-    t.bufs.push(buf)
+    if (t.bufs.length === 0 || t.bufs[t.bufs.length - 1] !== buf) {
+      t.bufs.push(buf)
+      t.bufAt.push(t.ids.length)
+    }
+    t.ids.push(id)
     t.starts.push(start)
     t.items.push(from)
     t.lastId = id
@@ -153,16 +174,19 @@ export class Mailbox {
   // some are left.
   private tailStep (max: number): boolean {
     const t = this.tail!
-    const end = Math.min(t.bufs.length, t.next + max)
+    const end = Math.min(t.ids.length, t.next + max)
     this.tail = null // while entries move, add appends them to the arrays
     try {
       for (let k = t.next; k < end; k = ++t.next) {
-        const buf = t.bufs[k]
+        const start = t.starts[k]
         const item = t.items[k]
-        this.add(buf === null ? item as Message : t.decode(buf, t.starts[k], item as string), false)
+        const read = t.read !== null && t.read.has(t.ids[k])
+        while (t.run + 1 < t.bufs.length && t.bufAt[t.run + 1] <= k) t.run++
+        this.add(start < 0 ? item as Message : t.decode(t.bufs[t.run], start, item as string, read), read)
+        if (read) t.readLeft--
       }
     } finally {
-      if (t.next < t.bufs.length) this.tail = t
+      if (t.next < t.ids.length) this.tail = t
     }
     if (this.tail !== null) return true
     t.done()
@@ -207,15 +231,32 @@ export class Mailbox {
 
   // Mark `id` read; false if it was read already or is not here.
   markRead (id: number): boolean {
-    this.warm()
+    return this.markReadWhere(id) !== null
+  }
+
+  // The same, saying what was marked: the message, or `packed` if it is still packed in the tail
+  // (the state counts it in the digest, read, once it is decoded). A mark does not decode the
+  // tail: a replayed log marks most pushed messages read right after their send (mark_read).
+  markReadWhere (id: number): Message | 'packed' | null {
+    const t = this.tail
+    if (t !== null && t.next < t.ids.length && id >= t.ids[t.next]) {
+      const k = lowerBound(t.ids, id, t.next)
+      if (t.ids[k] !== id) return null
+      t.read ??= new Set()
+      if (t.read.has(id)) return null
+      t.read.add(id)
+      t.readLeft++
+      return t.starts[k] < 0 ? t.items[k] as Message : 'packed'
+    }
+    while (this.deferred !== null) this.warmStep() // those are before anything added since
     const k = lowerBound(this.unread, id, this.unreadHead)
-    if (this.unread[k] !== id) return false
+    if (this.unread[k] !== id) return null
     if (k > this.unreadHead) this.unread.splice(k, 1)
     else if (++this.unreadHead >= 1024 && this.unreadHead * 2 >= this.unread.length) {
       this.unread.splice(0, this.unreadHead)
       this.unreadHead = 0
     }
-    return true
+    return this.messages[lowerBound(this.ids, id)]
   }
 
   // Take `id` out; what it was, or undefined if it is not here.
@@ -648,9 +689,9 @@ export class ChatState {
     if (!mailbox.hasTail) {
       const owner = to
       const only = !mailbox.isDeferred // one the snapshot left packed is counted once
-      mailbox.startTail((buf, start, fromName) => {
+      mailbox.startTail((buf, start, fromName, read) => {
         const m: Message = { id: sendIndex(buf, start), from: fromName, to: owner.name, text: sendText(buf, start), ts: sendTs(buf, start) }
-        this.digestAdd(owner, m, false)
+        this.digestAdd(owner, m, read)
         return m
       }, () => {
         this.tailsPending--
@@ -763,8 +804,8 @@ export class ChatState {
   }
 
   private markRead (a: Account, id: number): void {
-    if (!a.mailbox.markRead(id)) return // read already, or no such message
-    const m = a.mailbox.get(id)!
+    const m = a.mailbox.markReadWhere(id)
+    if (m === null || m === 'packed') return // read already, no such message, or counted once decoded
     this.digestRemove(a, m, false)
     this.digestAdd(a, m, true)
   }
