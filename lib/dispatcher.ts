@@ -198,6 +198,10 @@ export class Dispatcher {
           throw errors.authFailed()
         }
         session.failedLogins = 0
+        // Every send to the account is written to each of its sessions: bound them, so that
+        // one account cannot turn each message sent to it into thousands of writes.
+        const open = this.sessionsByUser.get(account.key)
+        if (open !== undefined && open.size >= limits.sessionsPerUserMax && !open.has(session)) throw errors.tooManyRequests(`${account.name} has ${open.size} sessions open, the most one account may have; log one out first`)
         this.setUser(session, account.key)
         return ok({ user: account.name, unread: account.mailbox.unreadCount })
       }

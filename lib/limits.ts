@@ -23,6 +23,9 @@ export const limits = {
   // a client that lets more than this pile up is too slow and is disconnected
   connectionOutboundBytesMax: 8 * 1024 * 1024,
   connectionsMax: 10_000,
+  // logged-in connections of one account at once: each message sent to it is written to every
+  // one of them (1,000 sessions made each send take about 12 ms of the server's time)
+  sessionsPerUserMax: 100,
 
   // storage
   recordBytesMax: 1024 * 1024,

@@ -66,6 +66,30 @@ t.test('the executable: readiness line, flags, signals', async t => {
   t.notMatch(newer.stderr, /\bat .*\.ts:\d+/, 'no stack trace')
 })
 
+t.test('an account has at most sessionsPerUserMax sessions: the next login is refused until one logs out', async t => {
+  const s = await startServer(t, { data: tmpDir(t, 'sessions') })
+  const conns: RawConn[] = []
+  t.teardown(() => { for (const c of conns) c.close() })
+  const open = async (): Promise<RawConn> => {
+    const c = await RawConn.open(s.port)
+    conns.push(c)
+    return c
+  }
+  const first = await open()
+  t.match(await first.req({ op: 'register', user: 'bob', password: 'pb' }), { ok: true })
+  t.match(await first.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
+  const bobs = await Promise.all(Array.from({ length: limits.sessionsPerUserMax }, async () => open()))
+  const logins = await Promise.all(bobs.map(async c => c.req({ op: 'login', user: 'bob', password: 'pb' })))
+  t.equal(logins.filter(r => r.ok === true).length, limits.sessionsPerUserMax, `${limits.sessionsPerUserMax} sessions of bob`)
+  const extra = await open()
+  t.match(await extra.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
+  t.match(await extra.req({ op: 'login', user: 'bob', password: 'pb' }), { ok: false, error: { code: 'TOO_MANY_REQUESTS', message: /bob has 100 sessions open/ } }, 'one more is refused')
+  t.match(await extra.req({ op: 'send', to: 'bob', text: 'still ann' }), { ok: true, delivered: true }, 'the refused connection is still logged in as before, and every session of bob is pushed to')
+  t.match(await bobs[0].req({ op: 'login', user: 'bob', password: 'pb' }), { ok: true }, 'a session of bob logging in again is not one more')
+  t.match(await bobs[0].req({ op: 'logout' }), { ok: true })
+  t.match(await extra.req({ op: 'login', user: 'bob', password: 'pb' }), { ok: true, user: 'bob' }, 'after a logout, the login goes through')
+})
+
 t.test('a restart replaying a log of over 16 MiB: checksums on a second thread, messages left packed, the same state', async t => {
   const data = tmpDir(t, 'replay')
   const n = 200_000
