@@ -77,8 +77,19 @@ export class KeySlots {
     this.count--
   }
 
+  // The last key hashed, and its hash: a key is often looked up and then set (an exactly-once
+  // check, then the entry), and the hash walks the whole key.
+  private lastKey: string | null = null
+  private lastHash = 0
+
   // A seeded 32-bit hash of the key's UTF-16 code units (murmur-style mixing).
   private hash (key: string): number {
+    if (key === this.lastKey) return this.lastHash
+    this.lastKey = key
+    return (this.lastHash = this.mix(key))
+  }
+
+  private mix (key: string): number {
     let h = this.seed ^ key.length
     for (let k = 0; k < key.length; k++) {
       h = Math.imul(h ^ key.charCodeAt(k), 0x5bd1e995)
