@@ -31,6 +31,13 @@ function ids (f: Record<string, unknown>): number[] {
   return v as number[]
 }
 
+function flag (f: Record<string, unknown>, name: string, dflt: boolean): boolean {
+  const v = optionalField(f, name)
+  if (v === undefined) return dflt
+  if (typeof v !== 'boolean') throw errors.badRequest(name, 'must be true or false')
+  return v
+}
+
 function spec<P> (s: CommandSpec<P>): CommandSpec<P> { return s }
 
 export const commands = {
@@ -66,7 +73,7 @@ export const commands = {
   delete_messages: spec({ mutates: true, needsLogin: true, pipelined: true, parse: f => ({ ids: ids(f), rid: rid(f) }) }),
   delete_account: spec({ mutates: true, needsLogin: true, pipelined: false, parse: f => ({ password: password(f), rid: rid(f) }) }),
   ping: spec({ mutates: false, needsLogin: false, pipelined: false, parse: () => ({}) }),
-  status: spec({ mutates: false, needsLogin: false, pipelined: false, parse: () => ({}) })
+  status: spec({ mutates: false, needsLogin: false, pipelined: false, parse: f => ({ digest: flag(f, 'digest', true) }) })
 } as const
 
 export type Op = keyof typeof commands

@@ -266,8 +266,10 @@ export class Dispatcher {
       case 'ping':
         return ok()
       case 'status': {
-        // The digest counts every message: wait while those a start left packed are decoded.
-        const waiting = this.digested()
+        // The digest counts every message: wait while those a start left packed are decoded,
+        // unless the request does without it (a client looking for the primary: the status then
+        // says `digest: null` until they are).
+        const waiting = (p as Params<'status'>).digest ? this.digested() : null
         if (waiting !== null) await waiting
         return ok(this.host.status())
       }

@@ -98,7 +98,9 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   let single: Committer | null = null
   const common = (): Record<string, unknown> => ({
     node: nodeName,
-    digest: (chain ? chain.state : recovered.state).digest(),
+    // null while messages a start left packed are not decoded yet (a status asked without
+    // waiting for the digest: see Dispatcher)
+    digest: (chain ? chain.state : recovered.state).digestPending ? null : (chain ? chain.state : recovered.state).digest(),
     clients: chat?.clientCount ?? 0,
     sessions: dispatcher.sessionsOnline(),
     uptimeMs: Date.now() - startedAt,

@@ -137,7 +137,13 @@ t.test('a status after a replay that left messages packed waits while they are d
     whole.apply(r)
   }
   t.ok(st.digestPending, 'the digest needs the packed messages')
-  const { d, session } = serve(st, () => ({ digest: st.digest(), pending: st.digestPending }))
+  // As the server's status does (lib/node.ts): null while pending.
+  const { d, session } = serve(st, () => ({ digest: st.digestPending ? null : st.digest(), pending: st.digestPending }))
+  const quick = countTurns()
+  const probe = await d.handle(session('small'), { op: 'status', id: 0, fields: { digest: false } })
+  t.ok(quick.stop() <= 1, 'a status without the digest is answered at once')
+  t.match(probe, { ok: true, digest: null, pending: true }, 'saying the digest is not known yet')
+  t.match(await d.handle(session('small'), { op: 'status', id: 0, fields: { digest: 'no' } }), { ok: false, error: { code: 'BAD_REQUEST', message: /digest/ } })
   const turns = countTurns()
   const pinged = d.handle(session('small'), { op: 'ping', id: 'p', fields: {} }).then(() => turns.now)
   const reply = await d.handle(session('small'), { op: 'status', id: 1, fields: {} })

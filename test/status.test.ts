@@ -84,6 +84,15 @@ t.test('what is wrong is said', async t => {
   t.same(diverged.problems, ['h:2 has a different digest than the primary at index 10'])
   t.equal(rows(formatReport(diverged))[1][5], 'dddddddd !')
 
+  // A member still decoding what it left packed at start answers without its digest: not a
+  // difference, and the table says why there is none.
+  const decoding = assess([up(st('h:1', { role: 'primary' })), up(st('h:2', { digest: null })), up(st('h:3'))])
+  t.same(decoding.problems, [])
+  t.equal(rows(formatReport(decoding))[1][5], 'decoding')
+  const primaryDecoding = assess([up(st('h:1', { role: 'primary', digest: null })), up(st('h:2')), up(st('h:3'))])
+  t.same(primaryDecoding.problems, [])
+  t.equal(rows(formatReport(primaryDecoding))[1][5], 'aaaaaaaa')
+
   const none = assess([up(st('h:1', { role: 'waiting', primary: null })), up(st('h:2', { role: 'waiting', primary: null }))])
   t.same(none.problems, ['no primary'])
   t.match(formatReport(none), /^chain: h:1 -> h:2 -> h:3 \(epoch 4, as seen by h:1\)$/m)

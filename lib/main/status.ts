@@ -75,7 +75,7 @@ export interface Status {
   index: number
   lastIndex?: number
   commit?: number
-  digest: string
+  digest: string | null // null: still decoding what it left packed at start (asked without waiting)
   clients: number
   sessions: number
   uptimeMs: number
@@ -105,7 +105,9 @@ export function probe (addr: string, timeout = timeoutMs): Promise<Probe> {
     }
     const timer = setTimeout(() => finish(null, `no answer in ${timeout} ms`), timeout)
     socket.setEncoding('utf8')
-    socket.on('connect', () => socket.write('{"op":"status","id":1}\n'))
+    // Without waiting for the digest: a member that just replayed a big log knows it only once it
+    // has decoded what it left packed, and that may take longer than the timeout.
+    socket.on('connect', () => socket.write('{"op":"status","id":1,"digest":false}\n'))
     socket.on('data', (d: string) => {
       buf += d
       const nl = buf.indexOf('\n')
@@ -179,7 +181,7 @@ export function assess (probes: Probe[]): Report {
 
   if (primary) {
     for (const p of up) {
-      if (p.status !== primary && p.status!.index === primary.index && p.status!.digest !== primary.digest) problems.push(`${p.member} has a different digest than the primary at index ${primary.index}`)
+      if (p.status !== primary && p.status!.index === primary.index && p.status!.digest !== null && primary.digest !== null && p.status!.digest !== primary.digest) problems.push(`${p.member} has a different digest than the primary at index ${primary.index}`)
     }
   }
 
@@ -206,8 +208,9 @@ export function formatUptime (ms: number): string {
 }
 
 function digestCell (s: Status, primary: Status | null): string {
+  if (s.digest === null) return 'decoding'
   const short = typeof s.digest === 'string' ? s.digest.slice(0, 8) : '-'
-  if (!primary || s === primary) return short
+  if (!primary || s === primary || primary.digest === null) return short
   if (s.digest === primary.digest) return `${short} =`
   return `${short} ${s.index === primary.index ? '!' : '~'}`
 }
