@@ -61,6 +61,24 @@ const dummySalt = randomBytes(limits.saltBytes)
 
 const ok = (fields: Record<string, unknown> = {}): Reply => ({ ok: true, ...fields })
 
+// Run `slice` (a few milliseconds of decoding, true while more is left) once per turn of the
+// event loop until it is done, between other work; resolves then. A slice that throws ends it:
+// that never happens for data that passed its checks at load, and if it does, the request meets
+// the error itself when it uses what was being decoded, and answers with it.
+function inSlices (slice: () => boolean): Promise<void> {
+  return new Promise<void>(resolve => {
+    const step = (): void => {
+      let more = false
+      try {
+        more = slice()
+      } catch { /* see above */ }
+      if (more) setImmediate(step)
+      else resolve()
+    }
+    setImmediate(step)
+  })
+}
+
 export class Dispatcher {
   private readonly sessionsByUser = new Map<string, Set<Session>>()
 
@@ -90,24 +108,11 @@ export class Dispatcher {
     if (mailbox === null) return null
     let p = this.decoding.get(mailbox)
     if (p === undefined) {
-      p = new Promise<void>(resolve => {
-        const step = (): void => {
-          try {
-            const until = performance.now() + 2
-            while (mailbox.warmStep() && performance.now() < until);
-            if (mailbox.isDeferred) {
-              setImmediate(step)
-              return
-            }
-          } catch {
-            // Never for a chunk that passed its check at load; if it happens, the request meets
-            // the error itself when it uses the mailbox, and answers with it.
-          }
-          this.decoding.delete(mailbox)
-          resolve()
-        }
-        setImmediate(step)
-      })
+      p = inSlices(() => {
+        const until = performance.now() + 2
+        while (mailbox.warmStep() && performance.now() < until);
+        return mailbox.isDeferred
+      }).then(() => { this.decoding.delete(mailbox) })
       this.decoding.set(mailbox, p)
     }
     return p
@@ -119,23 +124,7 @@ export class Dispatcher {
 
   private digested (): Promise<void> | null {
     if (!this.host.state().digestPending) return null
-    this.digesting ??= new Promise<void>(resolve => {
-      const step = (): void => {
-        let more = false
-        try {
-          more = this.host.state().warmSome(2)
-        } catch {
-          // As in decoded: the request meets the error itself when it asks for the digest.
-        }
-        if (more) {
-          setImmediate(step)
-          return
-        }
-        this.digesting = null
-        resolve()
-      }
-      setImmediate(step)
-    })
+    this.digesting ??= inSlices(() => this.host.state().warmSome(2)).then(() => { this.digesting = null })
     return this.digesting
   }
 

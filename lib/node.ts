@@ -96,16 +96,19 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   let chat: ChatServer | null = null
   let chain: ChainNode | null = null
   let single: Committer | null = null
-  const common = (): Record<string, unknown> => ({
-    node: nodeName,
-    // null while messages a start left packed are not decoded yet (a status asked without
-    // waiting for the digest: see Dispatcher)
-    digest: (chain ? chain.state : recovered.state).digestPending ? null : (chain ? chain.state : recovered.state).digest(),
-    clients: chat?.clientCount ?? 0,
-    sessions: dispatcher.sessionsOnline(),
-    uptimeMs: Date.now() - startedAt,
-    storage: store.log.failed ? 'failed' : chain?.storageFailing === true ? 'failing' : 'ok'
-  })
+  const common = (): Record<string, unknown> => {
+    const state = chain ? chain.state : recovered.state
+    return {
+      node: nodeName,
+      // null while messages a start left packed are not decoded yet (a status asked without
+      // waiting for the digest: see Dispatcher)
+      digest: state.digestPending ? null : state.digest(),
+      clients: chat?.clientCount ?? 0,
+      sessions: dispatcher.sessionsOnline(),
+      uptimeMs: Date.now() - startedAt,
+      storage: store.log.failed ? 'failed' : chain?.storageFailing === true ? 'failing' : 'ok'
+    }
+  }
   const chainMode = config.peers !== null || config.join !== null
   const host: Host = !chainMode
     ? {

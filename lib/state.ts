@@ -8,7 +8,7 @@ import type { LogRecord, PackedSendRecord } from './records.ts'
 import { limits } from './limits.ts'
 import { KeySlots } from './key-slots.ts'
 import type { ErrorCode } from './errors.ts'
-import { unpackMessages, unpackSend, sendIndex, sendText, sendTs, sendNamesAt, sendFromBytes, sendToBytes } from './storage/framing.ts'
+import { unpackMessages, unpackSend, packedSendMessage, sendNamesAt, sendFromBytes, sendToBytes } from './storage/framing.ts'
 
 export interface Message {
   id: number
@@ -617,10 +617,7 @@ export class ChatState {
     const r = this.ridReplies[slot]
     if (r !== null) return r
     const { bufs, starts, froms, tos } = this.ridPackedLanes!
-    const buf = bufs[slot]!
-    const start = starts[slot]
-    const m: Message = { id: sendIndex(buf, start), from: froms[slot], to: tos[slot], text: sendText(buf, start), ts: sendTs(buf, start) }
-    const reply: Reply = this.ridReplies[slot] = { ok: true, message: m }
+    const reply: Reply = this.ridReplies[slot] = { ok: true, message: packedSendMessage(bufs[slot]!, starts[slot], froms[slot], tos[slot]) }
     bufs[slot] = null
     this.ridPacked--
     hashRid(this.ridSlots.keyAt(slot), this.ridTs[slot], reply)
@@ -690,7 +687,7 @@ export class ChatState {
       const owner = to
       const only = !mailbox.isDeferred // one the snapshot left packed is counted once
       mailbox.startTail((buf, start, fromName, read) => {
-        const m: Message = { id: sendIndex(buf, start), from: fromName, to: owner.name, text: sendText(buf, start), ts: sendTs(buf, start) }
+        const m = packedSendMessage(buf, start, fromName, owner.name)
         this.digestAdd(owner, m, read)
         return m
       }, () => {

@@ -43,7 +43,7 @@
 import zlib from 'node:zlib'
 import { limits } from '../limits.ts'
 import type { LogRecord, PackedSendRecord, SendRecord } from '../records.ts'
-import type { SnapshotMessage } from '../state.ts'
+import type { Message, SnapshotMessage } from '../state.ts'
 
 export const frameHeaderBytes = 8
 
@@ -128,18 +128,22 @@ function decodeSend (buf: Buffer, start: number, end: number, packText = false):
 }
 
 // What a packed send record (PackedSendRecord) left in its buffer, read from the payload at
-// buf[start] (which decodeSend checked): its text, index and time; and where its names lie, the
-// sender's from sendNamesAt, sendFromBytes long, then the recipient's, sendToBytes long.
-export function sendText (buf: Buffer, start: number): string {
-  const textAt = start + sendHeadBytes + buf.readUInt16LE(start + 25) + buf.readUInt16LE(start + 27) + Math.max(buf.readUInt16LE(start + 29) - 1, 0)
-  return utf8Slice.call(buf, textAt, textAt + buf.readUInt32LE(start + 31))
-}
-
-export function sendIndex (buf: Buffer, start: number): number { return buf.readDoubleLE(start + 1) }
-export function sendTs (buf: Buffer, start: number): number { return buf.readDoubleLE(start + 17) }
+// buf[start] (which decodeSend checked): where its names lie, the sender's from sendNamesAt,
+// sendFromBytes long, then the recipient's, sendToBytes long; and its text.
 export function sendNamesAt (start: number): number { return start + sendHeadBytes }
 export function sendFromBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 25) }
 export function sendToBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 27) }
+
+function sendText (buf: Buffer, start: number): string {
+  const textAt = sendNamesAt(start) + sendFromBytes(buf, start) + sendToBytes(buf, start) + Math.max(buf.readUInt16LE(start + 29) - 1, 0)
+  return utf8Slice.call(buf, textAt, textAt + buf.readUInt32LE(start + 31))
+}
+
+// The message of the packed send record whose payload starts at buf[start], with the sender's
+// and recipient's names as the state knows them (as apply makes it).
+export function packedSendMessage (buf: Buffer, start: number, from: string, to: string): Message {
+  return { id: buf.readDoubleLE(start + 1), from, to, text: sendText(buf, start), ts: buf.readDoubleLE(start + 17) }
+}
 
 // A packed send record made whole again, as decodeSend would have made it.
 export function unpackSend (r: PackedSendRecord): SendRecord {

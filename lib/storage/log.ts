@@ -113,13 +113,13 @@ export class SegmentLog {
     this.rollAt = segmentBytes
   }
 
+  // Whether the last recover checked the checksums on the helper thread.
+  checksumsInParallel = false
+
   // Read the log, hand every record with index > afterIndex to onRecord in order, truncate a torn
   // tail, and open the last segment for appending. Throws CorruptLogError on corruption. See
   // RecoverOptions; with parallelChecksumBytes it may also throw ChecksumRecheck, after which the
   // caller recovers again, from scratch, without.
-  // Whether the last recover checked the checksums on the helper thread.
-  checksumsInParallel = false
-
   recover (afterIndex: number, onRecord: (r: LogRecord) => void, opts?: RecoverOptions & { packSends?: false }): RecoveryResult
   recover (afterIndex: number, onRecord: (r: LogRecord | PackedSendRecord) => void, opts: RecoverOptions): RecoveryResult
   recover (afterIndex: number, onRecord: ((r: LogRecord) => void) | ((r: LogRecord | PackedSendRecord) => void), opts: RecoverOptions = {}): RecoveryResult {
