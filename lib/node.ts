@@ -205,6 +205,10 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       }
       log('info', 'mailboxes decoded', { mailboxes, ms: Date.now() - since })
       if (loaded.snapshotMismatch !== null) log('error', 'snapshot digest mismatch', { detail: loaded.snapshotMismatch })
+      // A snapshot that came due meanwhile waited for the decoding (Store.maybeSnapshot), and
+      // would otherwise wait for the next write too: after a replay of a long log, one is due
+      // from the first write on.
+      store.maybeSnapshot(loaded)
     }
     setImmediate(warm)
   }

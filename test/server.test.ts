@@ -8,6 +8,7 @@ import { ChatState } from '../lib/state.ts'
 import { limits } from '../lib/limits.ts'
 import { segmentName } from '../lib/storage/log.ts'
 import { records, batch } from './helpers/storage.ts'
+import type { LogRecord } from '../lib/records.ts'
 import { startServer, runServer, tmpDir, RawConn, waitFor, floodWithoutReading } from './helpers/spawn.ts'
 
 t.test('the executable: readiness line, flags, signals', async t => {
@@ -107,6 +108,25 @@ t.test('a restart replaying a log of over 16 MiB: checksums on a second thread, 
   t.teardown(() => c.close())
   t.match(await c.req({ op: 'status' }), { ok: true, index: n, digest: expected.digest() }, 'the state applying the records builds')
   t.notMatch(s.stderr(), /recovering again/)
+})
+
+t.test('a snapshot due right after a replay is written once the packed messages are decoded, without another write', async t => {
+  const data = tmpDir(t, 'replay-snap')
+  const rs: LogRecord[] = [
+    { op: 'register', user: 'ann', salt: 's', hash: 'h', i: 1, e: 0, ts: 1 },
+    { op: 'register', user: 'bob', salt: 's', hash: 'h', i: 2, e: 0, ts: 2 }
+  ]
+  for (let i = 3; i <= 300_000; i++) rs.push({ op: 'send', from: 'ann', to: 'bob', text: `message ${i}`, i, e: 0, ts: i })
+  fs.writeFileSync(path.join(data, segmentName(1)), batch(rs).frames)
+  const s = await startServer(t, { data, args: ['--snapshot-every-records', '1'] })
+  const rec = JSON.parse(await waitFor(() => s.stderr().split('\n').find(l => l.includes('"recovered"')), 10_000, 'the recovered line'))
+  t.equal(rec.packedMailboxes, 1, 'bob\'s 299,998 messages left packed')
+  const c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  // One write: the snapshot is due (300,000 records since none), and waits for the decoding.
+  t.match(await c.req({ op: 'register', user: 'cy', password: 'pc' }), { ok: true })
+  const line = await waitFor(() => s.stderr().split('\n').find(l => l.includes('"snapshot written"')), 20_000, 'the snapshot written line')
+  t.match(JSON.parse(line), { index: 300_001 }, 'the snapshot covers the write')
 })
 
 t.test('a restart from a snapshot: mailboxes decoded in the background, the same messages served', async t => {
