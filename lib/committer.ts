@@ -58,6 +58,7 @@ export class Committer {
   // the requests read in one turn share a write.
   private readonly local: Replicator = { forward: (b) => this.acked(b.lastIndex) }
   replicator: Replicator = this.local
+  quotaBytes = Infinity // see submit
 
   // inherited: records this server holds durably beyond its applied state (a new primary's
   // uncommitted tail). They are committed down the chain before anything new.
@@ -105,6 +106,9 @@ export class Committer {
       if (running) return running
     }
     if (this.failure) return Promise.reject(this.failure)
+    // The quota: what would add an account or a message is refused once the state holds as much
+    // as it allows. Checked against what is applied, so it may be passed by what is in flight.
+    if ((body.op === 'send' || body.op === 'register') && this.state.storedBytes >= this.quotaBytes) return Promise.reject(errors.storeFull(this.quotaBytes))
     this.lastTs = Math.max(this.lastTs, Date.now())
     // Stamped in place, not copied: a copy by object spread with the stamps after it ran into a
     // slow path of V8 (about 2 us, a tenth of the whole request's CPU time).

@@ -4,6 +4,7 @@
 import { parseArgs } from 'node:util'
 import path from 'node:path'
 import fs from 'node:fs'
+import v8 from 'node:v8'
 import { limits } from './limits.ts'
 
 export interface Config {
@@ -14,6 +15,7 @@ export interface Config {
   readonly snapshotEveryBytes: number
   readonly segmentBytes: number
   readonly lineBytesMax: number
+  readonly quotaBytes: number // sends and registrations are refused once the state holds this much
   // replication (protocol.md, "Replication")
   readonly peers: string[] | null // every member of the initial chain, this one included
   readonly me: string // this server as named in --peers (host:port)
@@ -59,6 +61,9 @@ export const usage = `usage: chainchat-server --port <n> [options]
   --snapshot-every-bytes <n>   ... or after this many log bytes (default ${limits.snapshotEveryBytes})
   --segment-bytes <n>          start a new log segment once one holds this many bytes (default ${limits.logSegmentBytes})
   --line-bytes-max <n>         longest request line accepted (default ${limits.lineBytesMax})
+  --quota-mb <n>               refuse sends and registrations once the state holds this many
+                               MiB, as protocol.md counts it (default ${defaultQuotaMb()}: half of
+                               this process's heap limit)
 
 replication:
   --peers <h:p,h:p,h:p>        every member of the chain, this server included; the initial
@@ -97,6 +102,7 @@ export function parseConfig (argv: string[]): Config | 'help' {
         'snapshot-every-bytes': { type: 'string' },
         'segment-bytes': { type: 'string' },
         'line-bytes-max': { type: 'string' },
+        'quota-mb': { type: 'string' },
         peers: { type: 'string' },
         join: { type: 'string' },
         'secret-file': { type: 'string' },
@@ -153,8 +159,16 @@ export function parseConfig (argv: string[]): Config | 'help' {
     snapshotEveryBytes: integer('snapshot-every-bytes', values['snapshot-every-bytes'], 1, Number.MAX_SAFE_INTEGER, limits.snapshotEveryBytes),
     // At most 1 GiB: recovery reads a segment into memory whole, and a read returns at most 2 GiB.
     segmentBytes: integer('segment-bytes', values['segment-bytes'], 1024, 1024 * 1024 * 1024, limits.logSegmentBytes),
-    lineBytesMax: integer('line-bytes-max', values['line-bytes-max'], 1024, 16 * 1024 * 1024, limits.lineBytesMax)
+    lineBytesMax: integer('line-bytes-max', values['line-bytes-max'], 1024, 16 * 1024 * 1024, limits.lineBytesMax),
+    quotaBytes: integer('quota-mb', values['quota-mb'], 1, 1024 * 1024 * 1024, defaultQuotaMb()) * 1024 * 1024
   })
+}
+
+// The state lives in the heap: a server whose state outgrew V8's heap limit would abort, and
+// abort again while its restart read the state back. The default quota keeps it to a share of
+// that limit (node's --max-old-space-size sets it).
+export function defaultQuotaMb (): number {
+  return Math.max(1, Math.floor(v8.getHeapStatistics().heap_size_limit * limits.quotaHeapShare / 1024 / 1024))
 }
 
 function address (flag: string, text: string): string {

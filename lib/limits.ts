@@ -44,6 +44,14 @@ export const limits = {
   logPreallocateBytes: 1024 * 1024,
   // exactly-once table: oldest entries are evicted first, deterministically, by count
   ridsMax: 100_000,
+  // the quota (--quota-mb) counts each message as its text and sender's name in UTF-8 bytes
+  // plus this, about what the rest of it takes in memory (a million messages of 100 bytes
+  // took about 210 MiB of heap), and each account as this much (see state.ts, storedBytes)
+  messageOverheadBytes: 112,
+  accountBytes: 512,
+  // the default quota, as a share of V8's heap limit: the rest is room for the garbage
+  // collector, snapshots being written and the requests in flight
+  quotaHeapShare: 0.5,
 
   // passwords: scrypt parameters (N=2^14, r=8, p=1 is the interactive-login recommendation)
   scryptN: 16384,

@@ -106,6 +106,8 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       clients: chat?.clientCount ?? 0,
       sessions: dispatcher.sessionsOnline(),
       uptimeMs: Date.now() - startedAt,
+      stored: state.storedBytes, // what the quota counts (protocol.md, "Quota")
+      quota: config.quotaBytes,
       storage: store.log.failed ? 'failed' : chain?.storageFailing === true ? 'failing' : 'ok'
     }
   }
@@ -143,6 +145,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       failureTimeoutMs: config.failureTimeoutMs,
       minChain: config.minChain,
       forceStart: config.forceStart,
+      quotaBytes: config.quotaBytes,
       store,
       log,
       onApplied: (r, a) => dispatcher.onApplied(r, a),
@@ -151,6 +154,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
     }, recovered.state, recovered.unapplied, meta)
   } else {
     single = new Committer(store, recovered.state, 0, (r, a) => dispatcher.onApplied(r, a))
+    single.quotaBytes = config.quotaBytes
   }
 
   accept = socket => route(socket)

@@ -8,7 +8,7 @@ import type { LogRecord, PackedSendRecord } from './records.ts'
 import { limits } from './limits.ts'
 import { KeySlots } from './key-slots.ts'
 import type { ErrorCode } from './errors.ts'
-import { unpackMessages, unpackSend, packedSendMessage, sendNamesAt, sendFromBytes, sendToBytes } from './storage/framing.ts'
+import { unpackMessages, unpackSend, packedSendMessage, sendNamesAt, sendFromBytes, sendToBytes, sendTextBytes, packedMessagesBytes } from './storage/framing.ts'
 
 export interface Message {
   id: number
@@ -25,6 +25,7 @@ export interface Account {
   hash: string
   created: number // index of the register record
   mailbox: Mailbox
+  bytes: number // what its mailbox's messages count toward storedBytes
 }
 
 // A reply as stored in the exactly-once table and sent on the wire, without the request id.
@@ -478,6 +479,22 @@ function digestLanes (hex: string): [number, number] {
 
 const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: { code, message } })
 
+// What the state holds, counted as the server's quota counts it (ChatState.storedBytes): a
+// message counts its text and its sender's name in UTF-8 bytes, plus a fixed share for the rest
+// of what it takes in memory; an account counts a fixed share.
+export function messageBytes (textBytes: number, fromBytes: number): number { return textBytes + fromBytes + limits.messageOverheadBytes }
+const costOf = (m: Message): number => messageBytes(Buffer.byteLength(m.text, 'utf8'), Buffer.byteLength(m.from, 'utf8'))
+
+// What a stored reply counts: the messages it holds (a send's, a read's). They are counted again
+// even while the mailbox still holds them too: a stored reply outlives their deletion.
+function replyBytes (reply: Reply): number {
+  if (!reply.ok) return 0
+  const { message, messages } = reply as { message?: Message, messages?: Message[] }
+  let n = message === undefined ? 0 : costOf(message)
+  if (messages !== undefined) for (const m of messages) n += costOf(m)
+  return n
+}
+
 // Snapshot chunks: one `state` chunk; per account, an `account` chunk, then its mailbox in
 // `messages` chunks of messagesPerChunk (the snapshot file writes those in binary, see
 // storage/framing.ts); then the exactly-once table in chunks of ridsPerChunk. Small chunks keep
@@ -547,6 +564,7 @@ export class ChatState {
   private readonly ridReplies: Array<Reply | null> = []
   private readonly ridHx: number[] = []
   private readonly ridHy: number[] = []
+  private readonly ridBytes: number[] = [] // what each entry's reply counts (replyBytes)
   private ridStart = 0
   // Where the sends whose replies replay left packed are: the payload (buf, start) of each, and
   // the names its message had. No object per entry: a million replayed sends fill the table ten
@@ -562,6 +580,12 @@ export class ChatState {
   private undecoded = 0 // of them, not decoded yet
   private tailsPending = 0 // mailboxes whose packed tail (see replay) is not decoded yet
   private tailsOnly = 0 // of them, those the snapshot did not leave packed as well
+  private stored = 0
+
+  // How much the state holds, as the quota counts it: every account (limits.accountBytes), every
+  // message in a mailbox, and every message held by a reply in the exactly-once table (see
+  // messageBytes). A function of the state, the same on every replica; not in the digest.
+  get storedBytes (): number { return this.stored }
 
   // The digest of the state. A state loaded from a snapshot that recorded its digest knows it
   // before its mailboxes are decoded; one loaded from an older snapshot, or with messages that
@@ -699,8 +723,11 @@ export class ChatState {
       this.deferred.push(to)
     }
     mailbox.addPacked(r.packed, r.start, from.name, r.i)
+    const bytes = messageBytes(sendTextBytes(buf, r.start), fromBytes)
+    to.bytes += bytes
+    this.stored += bytes
     if (r.rk !== undefined) {
-      const slot = this.rememberRid(r.rk, r.ts, null)
+      const slot = this.rememberRid(r.rk, r.ts, null, bytes)
       const lanes = this.ridPackedLanes ??= { bufs: new Array<Buffer | null>(limits.ridsMax).fill(null), starts: new Array<number>(limits.ridsMax).fill(0), froms: new Array<string>(limits.ridsMax).fill(''), tos: new Array<string>(limits.ridsMax).fill('') }
       lanes.bufs[slot] = buf
       lanes.starts[slot] = r.start
@@ -722,7 +749,7 @@ export class ChatState {
       if (seen) return { reply: seen, effects: {} }
     }
     const applied = this.applyOp(r)
-    if (r.rk !== undefined) this.rememberRid(r.rk, r.ts, applied.reply)
+    if (r.rk !== undefined) this.rememberRid(r.rk, r.ts, applied.reply, replyBytes(applied.reply))
     return applied
   }
 
@@ -731,7 +758,7 @@ export class ChatState {
       case 'register': {
         const key = r.user.toLowerCase()
         if (this.accounts.has(key)) return { reply: fail('USER_EXISTS', `the name ${r.user} is taken`), effects: {} }
-        const a: Account = { name: r.user, key, salt: r.salt, hash: r.hash, created: r.i, mailbox: new Mailbox() }
+        const a: Account = { name: r.user, key, salt: r.salt, hash: r.hash, created: r.i, mailbox: new Mailbox(), bytes: 0 }
         this.addAccount(a)
         return { reply: { ok: true }, effects: {} }
       }
@@ -743,6 +770,7 @@ export class ChatState {
         const m: Message = { id: r.i, from: from.name, to: to.name, text: r.text, ts: r.ts }
         to.mailbox.add(m, false)
         this.digestAdd(to, m, false)
+        this.addBytes(to, costOf(m))
         return { reply: { ok: true, message: m }, effects: { push: m } }
       }
       case 'read': {
@@ -768,6 +796,7 @@ export class ChatState {
           const gone = removed[j]
           if (gone) {
             this.digestRemove(a, gone.message, gone.read)
+            this.addBytes(a, -costOf(gone.message))
             deleted++
           } else missing.push(ids[j])
         }
@@ -807,7 +836,14 @@ export class ChatState {
     this.digestAdd(a, m, true)
   }
 
+  // A message of `bytes` (negative: taken out) in a's mailbox.
+  private addBytes (a: Account, bytes: number): void {
+    a.bytes += bytes
+    this.stored += bytes
+  }
+
   private addAccount (a: Account): void {
+    this.stored += limits.accountBytes + a.bytes
     this.accounts.set(a.key, a)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 0, a.key)
     this.digestAcc.addAccount(a)
@@ -818,6 +854,7 @@ export class ChatState {
     a.mailbox.warm() // a deferred mailbox's share is known once it is decoded
     this.digestAcc.removeLanes(a.mailbox.hx, a.mailbox.hy)
     this.digestAcc.removeAccount(a)
+    this.stored -= limits.accountBytes + a.bytes
     this.accounts.delete(a.key)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
   }
@@ -851,7 +888,8 @@ export class ChatState {
   // packed (its lanes filled in by the caller), and the entry's hash is left for later too: most
   // entries replay adds are evicted before the end of the log, and would be hashed for nothing.
   // Such an entry's lanes are -1 until ridReplyAt hashes it into the digest.
-  private rememberRid (key: string, ts: number, reply: Reply | null): number {
+  private rememberRid (key: string, ts: number, reply: Reply | null, bytes: number): number {
+    this.stored += bytes
     if (reply === null) {
       hx = -1
       hy = -1
@@ -866,6 +904,7 @@ export class ChatState {
       this.ridReplies.push(reply)
       this.ridHx.push(hx)
       this.ridHy.push(hy)
+      this.ridBytes.push(bytes)
     } else { // full: the newest entry takes the oldest one's slot
       slot = this.ridStart
       this.ridStart = (slot + 1) % limits.ridsMax
@@ -875,6 +914,8 @@ export class ChatState {
         this.ridPacked--
         this.ridPackedLanes!.bufs[slot] = null
       }
+      this.stored -= this.ridBytes[slot]
+      this.ridBytes[slot] = bytes
       this.ridTs[slot] = ts
       this.ridReplies[slot] = reply
       this.ridHx[slot] = hx
@@ -922,6 +963,7 @@ export class ChatState {
   // that already holds messages decodes the chunk now. name: one string per sender's name, shared.
   private deferMessages (a: Account, c: PackedMessagesChunk, name: (s: string) => string): void {
     const packed = c.packed
+    this.addBytes(a, packedMessagesBytes(packed, c.count) + c.count * limits.messageOverheadBytes) // as messageBytes, summed
     if (this.loading?.account === a) {
       this.loading.chunks.push(packed)
       a.mailbox.deferMore(c.count, c.unread)
@@ -1000,7 +1042,7 @@ export class ChatState {
           let a = st.accounts.get(c.name.toLowerCase())
           if (c.kind === 'account') {
             assert.ok(!a, `account ${c.name} twice in a snapshot`)
-            a = { name: c.name, key: c.name.toLowerCase(), salt: c.salt, hash: c.hash, created: c.created, mailbox: new Mailbox() }
+            a = { name: c.name, key: c.name.toLowerCase(), salt: c.salt, hash: c.hash, created: c.created, mailbox: new Mailbox(), bytes: 0 }
             st.addAccount(a)
           }
           assert.ok(a, `messages for unknown account ${c.name}`)
@@ -1013,13 +1055,14 @@ export class ChatState {
             const m: Message = { id, from: name(from), to: to === a.name ? a.name : to, text, ts }
             a.mailbox.add(m, read === 1)
             st.digestAdd(a, m, read === 1)
+            st.addBytes(a, costOf(m))
           }
           break
         }
         case 'rids':
           for (const [k, ts, reply] of c.entries) {
             assert.ok(typeof reply === 'object' && reply !== null, 'an exactly-once entry without its reply')
-            st.rememberRid(k, ts, reply)
+            st.rememberRid(k, ts, reply, replyBytes(reply))
           }
           break
         default:

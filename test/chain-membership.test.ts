@@ -7,7 +7,7 @@ import path from 'node:path'
 import net from 'node:net'
 import { spawn } from 'node:child_process'
 import { Chain, freePorts } from './helpers/chain.ts'
-import { RawConn, startServer, tmpDir, waitFor, root } from './helpers/spawn.ts'
+import { RawConn, startServer, tmpDir, waitFor, root, type WireLine } from './helpers/spawn.ts'
 import { setupUsers, startSends, mailboxCounts, violations } from './helpers/workload.ts'
 import { ChatClient } from '../lib/client.ts'
 
@@ -164,4 +164,35 @@ t.test('--min-chain 2 refuses writes with fewer than two members, and serves rea
   t.match(r.error?.message, /min-chain/)
   t.equal((await c.req({ op: 'history' })).ok, true, 'reads are served')
   c.close()
+})
+
+t.test('the quota holds on every member: the primary refuses, and so does the next one after a failover', async t => {
+  const chain = await Chain.create(t, { args: ['--quota-mb', '1'] })
+  await chain.startAll()
+  const { primary } = await chain.waitConverged(3)
+  await setupUsers(chain.servers, users)
+  const c = await RawConn.open(chain.members[primary].port)
+  t.teardown(() => c.close())
+  t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
+  const text = 'y'.repeat(4000)
+  let refused: WireLine | null = null
+  for (let k = 0; k < 1000 && refused === null; k++) {
+    const r = await c.req({ op: 'send', to: 'ben', text })
+    if (r.ok !== true) refused = r
+  }
+  t.match(refused, { ok: false, error: { code: 'STORE_FULL', quota: 1024 * 1024 } }, 'the primary refuses a send once the quota is reached')
+  const { digest } = await chain.waitConverged(3)
+  const counts = (await chain.statuses()).map(s => s?.stored)
+  t.ok(counts.every(n => typeof n === 'number' && n === counts[0] && n >= 1024 * 1024), `every member counts the same: ${counts.join(', ')}`)
+  c.close()
+  await chain.kill(primary)
+  const next = await waitFor(async () => {
+    for (let k = 0; k < 3; k++) if (k !== primary && (await chain.status(k))?.role === 'primary') return k
+    return undefined
+  }, 15_000, 'a new primary')
+  const d = await RawConn.open(chain.members[next].port)
+  t.teardown(() => d.close())
+  t.match(await d.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
+  t.match(await d.req({ op: 'send', to: 'ben', text: 'one more' }), { ok: false, error: { code: 'STORE_FULL' } }, 'so does the new primary')
+  t.equal((await chain.status(next))?.digest, digest, 'nothing was applied')
 })

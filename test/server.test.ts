@@ -32,6 +32,12 @@ t.test('the executable: readiness line, flags, signals', async t => {
     t.equal(badSegment.code, 2, `--segment-bytes ${v} exits 2`)
     t.match(badSegment.stderr, /--segment-bytes/, 'naming the flag')
   }
+  t.match(help.stdout, /--quota-mb <n> .*\(default \d+: half of/s, 'the default quota is told')
+  for (const v of ['0', '-5', '1.5']) {
+    const badQuota = await runServer(['--port', '0', '--quota-mb', v])
+    t.equal(badQuota.code, 2, `--quota-mb ${v} exits 2`)
+    t.match(badQuota.stderr, /--quota-mb/, 'naming the flag')
+  }
 
   const second = await runServer(['--port', '0', '--data', data])
   t.equal(second.code, 1, 'a second server on the same data directory exits non-zero')
@@ -89,6 +95,55 @@ t.test('an account has at most sessionsPerUserMax sessions: the next login is re
   t.match(await bobs[0].req({ op: 'login', user: 'bob', password: 'pb' }), { ok: true }, 'a session of bob logging in again is not one more')
   t.match(await bobs[0].req({ op: 'logout' }), { ok: true })
   t.match(await extra.req({ op: 'login', user: 'bob', password: 'pb' }), { ok: true, user: 'bob' }, 'after a logout, the login goes through')
+})
+
+t.test('the quota: sends and registrations refused once the state holds as much, everything else served, room made by deleting', async t => {
+  const data = tmpDir(t, 'quota')
+  const quota = 1024 * 1024
+  let s = await startServer(t, { data, args: ['--quota-mb', '1', '--snapshot-every-records', '100'] })
+  let c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  t.match(await c.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
+  t.match(await c.req({ op: 'register', user: 'bob', password: 'pb' }), { ok: true })
+  t.match(await c.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
+  const text = 'x'.repeat(4000)
+  // Each send counts twice: in bob's mailbox, and in its stored reply (it has a rid).
+  const each = 2 * (4000 + 3 + limits.messageOverheadBytes)
+  let sent = 0
+  let refused: Record<string, unknown> | null = null
+  while (refused === null && sent < 1000) {
+    const r = await c.req({ op: 'send', to: 'bob', text, rid: `q${sent}` })
+    if (r.ok === true) sent++
+    else refused = r
+  }
+  t.match(refused, { ok: false, error: { code: 'STORE_FULL', quota } }, 'a send is refused once the quota is reached')
+  t.ok(sent >= Math.floor((quota - 2 * limits.accountBytes) / each) && sent <= Math.ceil((quota - 2 * limits.accountBytes) / each), `${sent} sends of 4,000 bytes fit in 1 MiB as counted`)
+  const full = await c.req({ op: 'status' })
+  t.match(full, { ok: true, quota }, 'status tells the quota')
+  t.ok((full.stored as number) >= quota, `and what the state holds: ${String(full.stored)}`)
+  t.match(await c.req({ op: 'register', user: 'cy', password: 'pc' }), { ok: false, error: { code: 'STORE_FULL' } }, 'so is a registration')
+  t.match(await c.req({ op: 'send', to: 'bob', text, rid: 'q0' }), { ok: true, message: { id: 3, text } }, 'a retry of an applied send still gets its stored reply')
+  t.match(await c.req({ op: 'history', limit: 1 }), { ok: true }, 'queries are served')
+  const bob = await RawConn.open(s.port)
+  t.teardown(() => bob.close())
+  t.match(await bob.req({ op: 'login', user: 'bob', password: 'pb' }), { ok: true, unread: sent }, 'a login is served')
+  const read = await bob.req({ op: 'read', limit: 1000 })
+  t.equal((read.messages as unknown[]).length, sent, 'so is a read')
+  const ids = (read.messages as Array<{ id: number }>).map(m => m.id)
+  t.match(await bob.req({ op: 'delete_messages', ids }), { ok: true, deleted: sent }, 'and a deletion')
+  const after = await c.req({ op: 'status' })
+  t.ok((after.stored as number) < quota, `the deletion made room: ${String(after.stored)}`)
+  t.match(await c.req({ op: 'send', to: 'bob', text: 'there is room again' }), { ok: true }, 'sends go through again')
+  // The count is a function of the state: the same after a restart (from a snapshot and the
+  // log after it), before and after the packed messages are decoded.
+  const before = await c.req({ op: 'status' })
+  c.close()
+  bob.close()
+  await s.stop()
+  s = await startServer(t, { data, args: ['--quota-mb', '1'] })
+  c = await RawConn.open(s.port)
+  t.match(await c.req({ op: 'status', digest: false }), { ok: true, stored: before.stored, index: before.index }, 'the same count after a restart, at once')
+  t.match(await c.req({ op: 'status' }), { ok: true, stored: before.stored, digest: before.digest }, 'and once everything is decoded')
 })
 
 t.test('a restart replaying a log of over 16 MiB: checksums on a second thread, messages left packed, the same state', async t => {

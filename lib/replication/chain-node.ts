@@ -40,6 +40,7 @@ export interface ChainOptions {
   failureTimeoutMs: number
   minChain: number
   forceStart: boolean
+  quotaBytes?: number // see Committer.submit; none if absent
   store: Store
   log: LogFn
   // Carry out a record's effects (pushes) on the primary.
@@ -515,6 +516,7 @@ export class ChainNode {
       this.opts.onApplied(r, a)
     }, (e) => this.onStorageFailure(e), this.unapplied)
     this.committer.replicator = { forward: () => this.onForward() }
+    this.committer.quotaBytes = this.opts.quotaBytes ?? Infinity
     this.unapplied = []
     this.dropPredecessor()
     this.setRole('primary', why)

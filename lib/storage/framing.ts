@@ -134,9 +134,11 @@ export function sendNamesAt (start: number): number { return start + sendHeadByt
 export function sendFromBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 25) }
 export function sendToBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 27) }
 
+export function sendTextBytes (buf: Buffer, start: number): number { return buf.readUInt32LE(start + 31) }
+
 function sendText (buf: Buffer, start: number): string {
   const textAt = sendNamesAt(start) + sendFromBytes(buf, start) + sendToBytes(buf, start) + Math.max(buf.readUInt16LE(start + 29) - 1, 0)
-  return utf8Slice.call(buf, textAt, textAt + buf.readUInt32LE(start + 31))
+  return utf8Slice.call(buf, textAt, textAt + sendTextBytes(buf, start))
 }
 
 // The message of the packed send record whose payload starts at buf[start], with the sender's
@@ -239,6 +241,13 @@ function decodeMessages (buf: Buffer, start: number, end: number): Record<string
 function packedMessages (buf: Buffer, start: number, end: number): Record<string, unknown> | null {
   const walked = walkMessages(buf, start, end)
   return walked === null ? null : { kind: 'messages', name: walked.name, packed: buf.subarray(start, end), count: walked.count, unread: walked.unread }
+}
+
+// The UTF-8 bytes of the senders' names and texts of the `count` messages of a packed messages
+// chunk (see packedMessages), all together, from its length: everything else in it has a fixed
+// size (see encodeChunkFrame).
+export function packedMessagesBytes (packed: Buffer, count: number): number {
+  return packed.length - (1 + 2 + packed.readUInt16LE(1) + 4) - count * messageHeadBytes
 }
 
 // Hand every message of a packed messages chunk (see packedMessages) to `visit`, in order.

@@ -8,7 +8,8 @@ import path from 'node:path'
 import { type FileOps, realFiles } from '../../lib/storage/files.ts'
 import { decodeFrame, encodeRecordFrame } from '../../lib/storage/framing.ts'
 import type { LogRecord } from '../../lib/records.ts'
-import type { ChatState } from '../../lib/state.ts'
+import { type ChatState, type Message, messageBytes } from '../../lib/state.ts'
+import { limits } from '../../lib/limits.ts'
 
 export interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -117,9 +118,31 @@ export function faultyFiles (): FaultyFiles {
 }
 
 // Everything a ChatState holds, as plain data, for t.same().
+// What the quota counts (ChatState.storedBytes), counted again from scratch: every account, every
+// message in a mailbox, and every message a stored reply holds.
+export function recountStored (st: ChatState): number {
+  const cost = (m: Message): number => messageBytes(Buffer.byteLength(m.text), Buffer.byteLength(m.from))
+  let n = 0
+  for (const a of st.accounts.values()) {
+    n += limits.accountBytes
+    for (const [m] of a.mailbox.entries()) n += cost(m)
+  }
+  for (const [, , reply] of st.ridEntries()) {
+    const { message, messages } = reply as { message?: Message, messages?: Message[] }
+    if (message !== undefined) n += cost(message)
+    for (const m of messages ?? []) n += cost(m)
+  }
+  return n
+}
+
+// Every view checks that the count the state keeps is the one counted from scratch.
 export function stateView (st: ChatState): Record<string, unknown> {
+  const stored = st.storedBytes
+  const counted = recountStored(st)
+  if (stored !== counted) throw new Error(`storedBytes is ${stored}, counted again ${counted}`)
   return {
     index: st.index,
+    stored,
     lastTs: st.lastTs,
     digest: st.digest(),
     sortedKeys: [...st.sortedKeys],
