@@ -41,7 +41,7 @@ function rows (out: string): string[][] {
 
 const chain3 = ['h:1', 'h:2', 'h:3']
 function st (node: string, fields: Partial<Status> = {}): Status {
-  return { node, role: 'backup', epoch: 4, chain: chain3, learner: null, primary: 'h:1', index: 10, digest: 'aaaaaaaabbbbbbbb', clients: 0, sessions: 0, uptimeMs: 192_000, storage: 'ok', ...fields }
+  return { node, role: 'backup', epoch: 4, chain: chain3, learner: null, primary: 'h:1', index: 10, digest: 'aaaaaaaabbbbbbbb', clients: 0, sessions: 0, uptimeMs: 192_000, storage: 'ok', stored: 1_048_576, quota: 4 * 1_048_576, ...fields }
 }
 const up = (s: Status): Probe => ({ member: s.node, status: s, error: null })
 const down = (member: string): Probe => ({ member, status: null, error: 'connection refused' })
@@ -61,11 +61,11 @@ t.test('a healthy chain: rows in chain order, lag, digest marks, summary, no pro
   t.equal(r.primary?.node, 'h:1')
   const out = formatReport(r)
   t.same(rows(out), [
-    ['h:1', 'primary', '4', '10', '-', 'aaaaaaaa', '2', '3m12s', 'ok'],
-    ['h:2', 'backup', '4', '10', '0', 'aaaaaaaa =', '0', '3m12s', 'ok'],
-    ['h:3', 'backup', '4', '8', '2', 'cccccccc ~', '0', '3m12s', 'ok']
+    ['h:1', 'primary', '4', '10', '-', 'aaaaaaaa', '2', '3m12s', 'ok', '25%'],
+    ['h:2', 'backup', '4', '10', '0', 'aaaaaaaa =', '0', '3m12s', 'ok', '25%'],
+    ['h:3', 'backup', '4', '8', '2', 'cccccccc ~', '0', '3m12s', 'ok', '25%']
   ])
-  t.match(out, /^MEMBER +ROLE +EPOCH +INDEX +LAG +DIGEST +CLIENTS +UPTIME +STORAGE$/m)
+  t.match(out, /^MEMBER +ROLE +EPOCH +INDEX +LAG +DIGEST +CLIENTS +UPTIME +STORAGE +QUOTA$/m)
   t.match(out, /^chain: h:1 -> h:2 -> h:3 \(epoch 4\)$/m)
   t.notMatch(out, /problem/)
   // A learner is named in the summary and listed after the chain.
@@ -77,7 +77,7 @@ t.test('a healthy chain: rows in chain order, lag, digest marks, summary, no pro
 t.test('what is wrong is said', async t => {
   const unreachable = assess([up(st('h:1', { role: 'primary' })), up(st('h:2')), down('h:3')])
   t.same(unreachable.problems, ['h:3 unreachable (connection refused)'])
-  t.same(rows(formatReport(unreachable))[2], ['h:3', 'unreachable', '-', '-', '-', '-', '-', '-', '-'])
+  t.same(rows(formatReport(unreachable))[2], ['h:3', 'unreachable', '-', '-', '-', '-', '-', '-', '-', '-'])
   t.match(formatReport(unreachable), /^problem: h:3 unreachable \(connection refused\)$/m)
 
   const diverged = assess([up(st('h:1', { role: 'primary' })), up(st('h:2', { digest: 'dddddddd00000000' })), up(st('h:3'))])
@@ -109,6 +109,19 @@ t.test('what is wrong is said', async t => {
   const nobody = assess([down('h:1')])
   t.same(nobody.problems, ['h:1 unreachable (connection refused)', 'no member answered'])
   t.match(formatReport(nobody), /^chain: unknown \(no member answered\)$/m)
+
+  // The quota: a member at it is a problem (the primary then refuses sends), and so are members
+  // with different quotas (the next primary's applies after a failover).
+  const full = assess([up(st('h:1', { role: 'primary', stored: 4 * 1_048_576 + 5 })), up(st('h:2', { stored: 4 * 1_048_576 + 5 })), up(st('h:3', { stored: 4 * 1_048_576 + 5, quota: 8 * 1_048_576 }))])
+  t.same(full.problems, [
+    'members disagree on the quota: 4 MiB (h:1, h:2); 8 MiB (h:3)',
+    'h:1 holds as much as its quota allows (4 MiB): sends and registrations are refused',
+    'h:2 holds as much as its quota allows (4 MiB)'
+  ])
+  t.same(rows(formatReport(full)).map(row => row[9]), ['100%', '100%', '50%'])
+  const older = assess([up(st('h:1', { role: 'primary', stored: undefined, quota: undefined }))])
+  t.same(older.problems, [], 'a server that does not tell its quota is not a problem by itself')
+  t.equal(rows(formatReport(older))[0][9], '-')
 
   // A single server is its own primary.
   t.same(assess([up(st('h:9', { role: 'single', epoch: 0, chain: ['h:9'], primary: 'h:9' }))]).problems, [])

@@ -2,7 +2,8 @@
 // every member given, and every member any of them names in its chain or as its learner, for
 // `status` (the client protocol, so no secret is needed), prints one row per member and says
 // what is wrong. Exit code 0 only for a healthy chain: every member answers, exactly one
-// primary, one epoch and one chain everywhere, and equal digests at equal indexes.
+// primary, one epoch, one chain and one quota everywhere, equal digests at equal indexes, and no
+// member at its quota.
 
 import net from 'node:net'
 import { parseArgs } from 'node:util'
@@ -16,9 +17,9 @@ const addrRe = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/ // as the server
 export const usage = `usage: chainchat-status <host:port>[,<host:port>...] [--watch] [--interval-ms <n>] [--json]
 
 Shows every member of a chain: the ones given and any member they name. Exits 0 when every
-member answers, exactly one is the primary, all agree on the epoch and the chain, and every
-member at the primary's index has the primary's digest; otherwise prints what is wrong and
-exits 1.
+member answers, exactly one is the primary, all agree on the epoch, the chain and the quota,
+every member at the primary's index has the primary's digest, and none holds as much as its
+quota allows; otherwise prints what is wrong and exits 1.
 
   --watch            refresh every interval until Ctrl-C
   --interval-ms <n>  the refresh interval for --watch (default 1000)
@@ -27,6 +28,7 @@ exits 1.
 
 Digest marks: = same as the primary's, ~ differs but at another index (lagging),
 ! differs at the same index (the states diverged). CLIENTS counts this tool's own connection.
+QUOTA: how much of its quota (--quota-mb) the member's state holds.
 `
 
 export interface StatusFlags { addrs: string[], watch: boolean, intervalMs: number, json: boolean, help: boolean }
@@ -80,6 +82,8 @@ export interface Status {
   sessions: number
   uptimeMs: number
   storage: string
+  stored?: number // bytes, as the quota counts them (protocol.md, "Quota")
+  quota?: number
   [field: string]: unknown
 }
 
@@ -178,6 +182,13 @@ export function assess (probes: Probe[]): Report {
   }
   disagree('epoch', s => String(s.epoch))
   disagree('chain', s => chainText(s.chain))
+  disagree('quota', s => typeof s.quota === 'number' ? `${mib(s.quota)} MiB` : 'none told')
+  for (const p of up) {
+    const s = p.status!
+    if (typeof s.stored === 'number' && typeof s.quota === 'number' && s.stored >= s.quota) {
+      problems.push(`${p.member} holds as much as its quota allows (${mib(s.quota)} MiB)${isPrimary(s) ? ': sends and registrations are refused' : ''}`)
+    }
+  }
 
   if (primary) {
     for (const p of up) {
@@ -192,6 +203,14 @@ export function assess (probes: Probe[]): Report {
 }
 
 // ---- output -------------------------------------------------------------------------------------
+
+const mib = (bytes: number): string => String(Math.round(bytes / 1048576 * 10) / 10)
+
+// How full the member is, as a share of its quota.
+function quotaCell (s: Status): string {
+  if (typeof s.stored !== 'number' || typeof s.quota !== 'number' || s.quota <= 0) return '-'
+  return `${Math.floor(s.stored / s.quota * 100)}%`
+}
 
 function chainText (chain: unknown): string {
   return Array.isArray(chain) && chain.length > 0 ? chain.join(' -> ') : '(empty)'
@@ -217,16 +236,16 @@ function digestCell (s: Status, primary: Status | null): string {
 
 // The table, the chain summary and one line per problem; pure, for tests.
 export function formatReport (r: Report): string {
-  const rows = [['MEMBER', 'ROLE', 'EPOCH', 'INDEX', 'LAG', 'DIGEST', 'CLIENTS', 'UPTIME', 'STORAGE']]
+  const rows = [['MEMBER', 'ROLE', 'EPOCH', 'INDEX', 'LAG', 'DIGEST', 'CLIENTS', 'UPTIME', 'STORAGE', 'QUOTA']]
   for (const p of r.members) {
     const s = p.status
     if (!s) {
-      rows.push([p.member, 'unreachable', '-', '-', '-', '-', '-', '-', '-'])
+      rows.push([p.member, 'unreachable', '-', '-', '-', '-', '-', '-', '-', '-'])
       continue
     }
     const lag = r.primary && s !== r.primary && typeof s.index === 'number' ? String(r.primary.index - s.index) : '-'
     const uptime = typeof s.uptimeMs === 'number' ? formatUptime(s.uptimeMs) : '-'
-    rows.push([p.member, s.role, String(s.epoch ?? '-'), String(s.index ?? '-'), lag, digestCell(s, r.primary), String(s.clients ?? '-'), uptime, String(s.storage ?? '-')])
+    rows.push([p.member, s.role, String(s.epoch ?? '-'), String(s.index ?? '-'), lag, digestCell(s, r.primary), String(s.clients ?? '-'), uptime, String(s.storage ?? '-'), quotaCell(s)])
   }
   const widths = rows[0].map((_, c) => Math.max(...rows.map(row => row[c].length)))
   const lines = rows.map(row => row.map((cell, c) => cell.padEnd(widths[c])).join('  ').trimEnd())
