@@ -724,8 +724,7 @@ export class ChatState {
     }
     mailbox.addPacked(r.packed, r.start, from.name, r.i)
     const bytes = messageBytes(sendTextBytes(buf, r.start), fromBytes)
-    to.bytes += bytes
-    this.stored += bytes
+    this.addBytes(to, bytes)
     if (r.rk !== undefined) {
       const slot = this.rememberRid(r.rk, r.ts, null, bytes)
       const lanes = this.ridPackedLanes ??= { bufs: new Array<Buffer | null>(limits.ridsMax).fill(null), starts: new Array<number>(limits.ridsMax).fill(0), froms: new Array<string>(limits.ridsMax).fill(''), tos: new Array<string>(limits.ridsMax).fill('') }
@@ -887,7 +886,8 @@ export class ChatState {
   // Add an entry to the exactly-once table; the slot it takes. A null reply is one replay left
   // packed (its lanes filled in by the caller), and the entry's hash is left for later too: most
   // entries replay adds are evicted before the end of the log, and would be hashed for nothing.
-  // Such an entry's lanes are -1 until ridReplyAt hashes it into the digest.
+  // Such an entry's lanes are -1 until ridReplyAt hashes it into the digest. bytes: what the
+  // reply counts toward storedBytes (replyBytes), until the entry is evicted.
   private rememberRid (key: string, ts: number, reply: Reply | null, bytes: number): number {
     this.stored += bytes
     if (reply === null) {

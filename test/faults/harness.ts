@@ -18,6 +18,7 @@ export interface RunOptions {
   clients: number
   switchUser?: 'login' | 'reconnect' // see WorkloadOptions
   snapshotEvery?: number // --snapshot-every-records for the servers (default: the server's own)
+  quotaMb?: number // --quota-mb for the servers (default: the server's own)
   t: Teardown
   log?: (line: string) => void
   historyFile?: string // write the whole history (JSON) here; by default only on anomalies, to a temp file
@@ -29,6 +30,7 @@ export interface RunResult {
   clients: number
   switchUser: 'login' | 'reconnect'
   snapshotEvery: number | null
+  quotaMb: number | null
   elapsedMs: number
   schedule: Step[]
   faults: Record<string, number>
@@ -71,7 +73,8 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
   log(`seed ${opts.seed}: ${schedule.length} faults scheduled over ${opts.durationMs / 1000} s, ${opts.clients} clients`)
 
   // DURABLE notes let the nemesis cut a killed member's log back as a power loss would.
-  const chain = await Chain.create(opts.t, { args: opts.snapshotEvery ? ['--snapshot-every-records', String(opts.snapshotEvery)] : [], env: { CHAINCHAT_TRACK_DURABLE: '1' } })
+  const args = [...(opts.snapshotEvery ? ['--snapshot-every-records', String(opts.snapshotEvery)] : []), ...(opts.quotaMb ? ['--quota-mb', String(opts.quotaMb)] : [])]
+  const chain = await Chain.create(opts.t, { args, env: { CHAINCHAT_TRACK_DURABLE: '1' } })
   await chain.startAll()
   await chain.waitConverged(3, 30_000)
   h.event('ready', `chain ${chain.servers.join(', ')} converged`)
@@ -159,6 +162,7 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
     clients: opts.clients,
     switchUser: opts.switchUser ?? 'login',
     snapshotEvery: opts.snapshotEvery ?? null,
+    quotaMb: opts.quotaMb ?? null,
     elapsedMs: Date.now() - started,
     schedule,
     faults: { ...nemesis.stats.injected },
@@ -183,7 +187,7 @@ function totals (r: RunResult): { ok: number, fail: number, unknown: number } {
 }
 
 export function reproduce (r: RunResult): string {
-  return `npm run test:faults -- --seed ${r.seed} --duration ${r.durationMs / 1000} --clients ${r.clients}${r.switchUser === 'reconnect' ? ' --switch-user reconnect' : ''}${r.snapshotEvery ? ` --snapshot-every ${r.snapshotEvery}` : ''}`
+  return `npm run test:faults -- --seed ${r.seed} --duration ${r.durationMs / 1000} --clients ${r.clients}${r.switchUser === 'reconnect' ? ' --switch-user reconnect' : ''}${r.snapshotEvery ? ` --snapshot-every ${r.snapshotEvery}` : ''}${r.quotaMb ? ` --quota-mb ${r.quotaMb}` : ''}`
 }
 
 export function anomalyTotal (r: RunResult): number {

@@ -1,7 +1,7 @@
 // The long fault runs, outside tap:
 //
 //   npm run test:faults -- [--seed N] [--duration SECONDS] [--clients N] [--runs K]
-//                          [--switch-user login|reconnect] [--snapshot-every N]
+//                          [--switch-user login|reconnect] [--snapshot-every N] [--quota-mb N]
 //                          [--history FILE] [--verbose]
 //
 // --seed      the seed of the first run (default: random, printed); the same seed gives the same
@@ -15,6 +15,9 @@
 // --snapshot-every N
 //             the servers snapshot (and drop the log) every N records, so catching up from a
 //             snapshot is part of the run (default: the server's default, 100,000)
+// --quota-mb N
+//             the servers' quota (default: theirs); a small one keeps the state at its quota,
+//             so that sends refused with STORE_FULL are part of the run
 // --history   write the whole history of the (last) run to FILE as JSON
 // --verbose   print the fault schedule and the notes (non-anomalies worth knowing)
 //
@@ -34,6 +37,7 @@ const { values } = parseArgs({
     history: { type: 'string' },
     'switch-user': { type: 'string', default: 'login' },
     'snapshot-every': { type: 'string' },
+    'quota-mb': { type: 'string' },
     verbose: { type: 'boolean', default: false }
   }
 })
@@ -52,6 +56,7 @@ const durationS = int('duration', values.duration, 5, 24 * 3600)
 const clients = int('clients', values.clients, 1, 64)
 const runs = int('runs', values.runs, 1, 1000)
 const snapshotEvery = values['snapshot-every'] === undefined ? undefined : int('snapshot-every', values['snapshot-every'], 1, 1e9)
+const quotaMb = values['quota-mb'] === undefined ? undefined : int('quota-mb', values['quota-mb'], 1, 1024 * 1024)
 const switchUser = values['switch-user']
 if (switchUser !== 'login' && switchUser !== 'reconnect') {
   console.error('--switch-user must be login or reconnect')
@@ -72,7 +77,7 @@ const results: RunResult[] = []
 for (let k = 0; k < runs; k++) {
   const s = (seed + k) >>> 0
   const log = (line: string): void => console.log(`[${new Date().toISOString().slice(11, 19)}] ${line}`)
-  const r = await runFaults({ seed: s, durationMs: durationS * 1000, clients, switchUser, snapshotEvery, t, log, historyFile: values.history })
+  const r = await runFaults({ seed: s, durationMs: durationS * 1000, clients, switchUser, snapshotEvery, quotaMb, t, log, historyFile: values.history })
   await cleanup()
   results.push(r)
   if (values.verbose) {
