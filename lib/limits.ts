@@ -49,9 +49,14 @@ export const limits = {
   // took about 210 MiB of heap), and each account as this much (see state.ts, storedBytes)
   messageOverheadBytes: 112,
   accountBytes: 512,
-  // the default quota, as a share of V8's heap limit: the rest is room for the garbage
-  // collector, snapshots being written and the requests in flight
-  quotaHeapShare: 0.5,
+  // the default quota, as a share of V8's heap limit. The count is close to the heap a message
+  // takes when its text is ASCII (4,106 bytes for 4,000 ASCII characters, counted 4,115), but a
+  // text with any character beyond Latin-1 is held with two bytes per character (8,106 bytes for
+  // 3,998 ASCII characters and an emoji): up to twice what is counted. A quarter leaves room for
+  // that, the young generation (part of the limit), the garbage collector, snapshots being
+  // written and the requests in flight. (A third was too much for a heap limit of 144 MiB: a
+  // flood of such texts filled it.)
+  quotaHeapShare: 1 / 4,
 
   // passwords: scrypt parameters (N=2^14, r=8, p=1 is the interactive-login recommendation)
   scryptN: 16384,

@@ -9,7 +9,7 @@ import { limits } from '../lib/limits.ts'
 import { segmentName } from '../lib/storage/log.ts'
 import { records, batch } from './helpers/storage.ts'
 import type { LogRecord } from '../lib/records.ts'
-import { startServer, runServer, tmpDir, RawConn, waitFor, floodWithoutReading } from './helpers/spawn.ts'
+import { startServer, runServer, tmpDir, RawConn, waitFor, floodWithoutReading, root } from './helpers/spawn.ts'
 
 t.test('the executable: readiness line, flags, signals', async t => {
   const data = tmpDir(t, 'exe')
@@ -32,7 +32,7 @@ t.test('the executable: readiness line, flags, signals', async t => {
     t.equal(badSegment.code, 2, `--segment-bytes ${v} exits 2`)
     t.match(badSegment.stderr, /--segment-bytes/, 'naming the flag')
   }
-  t.match(help.stdout, /--quota-mb <n> .*\(default \d+: half of/s, 'the default quota is told')
+  t.match(help.stdout, /--quota-mb <n> .*\(default \d+: a quarter of/s, 'the default quota is told')
   for (const v of ['0', '-5', '1.5']) {
     const badQuota = await runServer(['--port', '0', '--quota-mb', v])
     t.equal(badQuota.code, 2, `--quota-mb ${v} exits 2`)
@@ -144,6 +144,33 @@ t.test('the quota: sends and registrations refused once the state holds as much,
   c = await RawConn.open(s.port)
   t.match(await c.req({ op: 'status', digest: false }), { ok: true, stored: before.stored, index: before.index }, 'the same count after a restart, at once')
   t.match(await c.req({ op: 'status' }), { ok: true, stored: before.stored, digest: before.digest }, 'and once everything is decoded')
+})
+
+t.test('the default quota keeps a flood of texts held two bytes per character from filling a small heap', async t => {
+  // 3,996 ASCII characters and an emoji: V8 holds the text with two bytes per character, twice
+  // what the quota counts. With a third of the heap limit as the default this server aborted.
+  const s = await startServer(t, { data: tmpDir(t, 'quota-heap'), script: ['--max-old-space-size=96', path.join(root, 'bin/server.js')] })
+  const c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  t.match(await c.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
+  t.match(await c.req({ op: 'register', user: 'bob', password: 'pb' }), { ok: true })
+  t.match(await c.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
+  const { quota } = await c.req({ op: 'status' })
+  t.ok(typeof quota === 'number' && quota > 20 * 1048576 && quota < 48 * 1048576, `a quarter of the heap limit: ${String(quota)} bytes`)
+  const text = 'x'.repeat(3996) + '\u{1f600}'
+  let sent = 0
+  let full = false
+  while (!full && sent < 40_000) {
+    const replies = await Promise.all(Array.from({ length: 64 }, async () => c.req({ op: 'send', to: 'bob', text })))
+    for (const r of replies) {
+      if (r.ok === true) sent++
+      else if (r.error?.code === 'STORE_FULL') full = true
+      else t.fail(`unexpected reply ${JSON.stringify(r).slice(0, 200)}`)
+    }
+  }
+  t.ok(full, `STORE_FULL after ${sent} sends of about 8 KiB of heap each`)
+  t.match(await c.req({ op: 'ping' }), { ok: true }, 'the server is still up')
+  t.equal(s.proc.exitCode, null, 'and did not exit')
 })
 
 t.test('a restart replaying a log of over 16 MiB: checksums on a second thread, messages left packed, the same state', async t => {
