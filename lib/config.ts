@@ -168,7 +168,12 @@ export function parseConfig (argv: string[]): Config | 'help' {
 // abort again while its restart read the state back. The default quota keeps it to a share of
 // that limit (node's --max-old-space-size sets it).
 export function defaultQuotaMb (): number {
-  return Math.max(1, Math.floor(v8.getHeapStatistics().heap_size_limit * limits.quotaHeapShare / 1024 / 1024))
+  return Math.max(1, Math.floor(heapShare(limits.quotaHeapShare) / 1024 / 1024))
+}
+
+// A share of V8's heap limit, in bytes.
+export function heapShare (share: number): number {
+  return Math.floor(v8.getHeapStatistics().heap_size_limit * share)
 }
 
 function address (flag: string, text: string): string {

@@ -22,6 +22,9 @@ export const limits = {
   // replies and pushes queued in the kernel-side socket buffer and Node's write buffer;
   // a client that lets more than this pile up is too slow and is disconnected
   connectionOutboundBytesMax: 8 * 1024 * 1024,
+  // ... and what piles up for all clients together may take this share of V8's heap limit
+  // (it waits in the heap; see server.ts): past it, the clients waiting longest are disconnected
+  outboundHeapShare: 1 / 8,
   connectionsMax: 10_000,
   // logged-in connections of one account at once: each message sent to it is written to every
   // one of them (1,000 sessions made each send take about 12 ms of the server's time)

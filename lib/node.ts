@@ -6,7 +6,7 @@
 
 import path from 'node:path'
 import net from 'node:net'
-import type { Config } from './config.ts'
+import { type Config, heapShare } from './config.ts'
 import { Store } from './storage/store.ts'
 import { lockDataDir } from './storage/lock.ts'
 import { Committer } from './committer.ts'
@@ -129,8 +129,9 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   chat = new ChatServer(dispatcher, {
     lineBytesMax: config.lineBytesMax,
     inflightMax: limits.connectionInflightMax,
-    outboundBytesMax: limits.connectionOutboundBytesMax
-  })
+    outboundBytesMax: limits.connectionOutboundBytesMax,
+    outboundBytesTotalMax: heapShare(limits.outboundHeapShare)
+  }, (msg, fields) => log('warn', msg, fields))
   chat.adopt(listener)
 
   if (chainMode) {

@@ -2,7 +2,10 @@
 // lines by split2 with a size bound, parsed, and handed to the dispatcher. Replies go out in the
 // order requests came in. Backpressure: reading pauses while too many requests of a connection
 // are unanswered or while the socket cannot take more output, and a client that lets its
-// output pile up past a bound is disconnected.
+// output pile up past a bound is disconnected. What piles up waits in the heap, so there is a
+// bound on all connections together too: past it, the clients that have not taken their output
+// for the longest are disconnected (without it, 30 clients asking for big histories and never
+// reading aborted a server with a 112 MiB heap limit).
 
 import net from 'node:net'
 import type { Duplex } from 'node:stream'
@@ -15,6 +18,14 @@ export interface ConnectionOptions {
   lineBytesMax: number
   inflightMax: number
   outboundBytesMax: number
+  outboundBytesTotalMax?: number // over every connection (default: no such bound)
+}
+
+// What the connections of one server have written that is still waiting in this process (not
+// yet taken by the kernel): each connection's writableLength as it last saw it, summed.
+interface Outbound {
+  bytes: number
+  over: () => void // called when bytes passes the bound
 }
 
 let nextSessionId = 1
@@ -41,10 +52,12 @@ class Connection implements Session {
   private drainWaiters: Array<() => void> = []
   private endLine: string | null = null // written, and the connection ended, once all is answered
   private blockedOnDrain = false
+  blockedSince = 0 // when the socket last stopped taking output (0: it takes it)
+  private queued = 0 // this connection's part of outbound.bytes
   private closed = false // no more requests are read
   private gone = false // the connection itself is closed
 
-  constructor (private readonly stream: Duplex, private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly onClose: (c: Connection) => void) {
+  constructor (private readonly stream: Duplex, private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly outbound: Outbound, private readonly onClose: (c: Connection) => void) {
     // split2 bounds the unterminated remainder; complete lines are checked in onLine.
     this.lines = split2(/\r?\n/, { maxLength: opts.lineBytesMax })
     stream.pipe(this.lines)
@@ -52,12 +65,16 @@ class Connection implements Session {
     this.lines.on('error', () => this.tooLong())
     stream.on('drain', () => {
       this.blockedOnDrain = false
+      this.blockedSince = 0
+      this.track()
       this.updateFlow()
     })
     stream.on('error', () => { /* 'close' follows */ })
     stream.on('close', () => {
       this.closed = true
       this.gone = true
+      this.outbound.bytes -= this.queued
+      this.queued = 0
       this.onClose(this)
     })
   }
@@ -167,11 +184,28 @@ class Connection implements Session {
       if (cb) cb(new Error('connection closed'))
       return
     }
-    if (!this.stream.write(text, cb)) this.blockedOnDrain = true
+    if (!this.stream.write(text, cb) && !this.blockedOnDrain) {
+      this.blockedOnDrain = true
+      this.blockedSince = performance.now()
+    }
+    this.track()
     if (this.stream.writableLength > this.opts.outboundBytesMax) {
       // The client is not reading: rather than buffer without bound, let it go.
-      this.stream.destroy()
-    }
+      this.cut()
+    } else if (this.outbound.bytes > (this.opts.outboundBytesTotalMax ?? Infinity)) this.outbound.over()
+  }
+
+  private track (): void {
+    const now = this.stream.writableLength
+    this.outbound.bytes += now - this.queued
+    this.queued = now
+  }
+
+  // Disconnect, and let go of what waited for the client at once.
+  cut (): void {
+    this.outbound.bytes -= this.queued
+    this.queued = 0
+    this.stream.destroy()
   }
 
   pushEvent (line: string, taken: (err?: Error | null) => void): void {
@@ -208,8 +242,34 @@ class Connection implements Session {
 export class ChatServer {
   private listener: net.Server | null = null
   private readonly connections = new Set<Connection>()
+  private readonly outbound: Outbound = { bytes: 0, over: () => this.overOutbound() }
+  private cutForOutbound = 0
+  private lastOutboundScan = -Infinity
 
-  constructor (private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions) {}
+  constructor (private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly warn: (msg: string, fields: Record<string, unknown>) => void = () => {}) {}
+
+  // Bytes written to clients and still waiting in this process.
+  get outboundBytes (): number { return this.outbound.bytes }
+
+  // The connections' output together passed its bound: disconnect the clients that have not
+  // taken theirs for the longest until it is back under three quarters of the bound.
+  // At most one look every 100 ms: while clients are cut, this is called on every write.
+  private overOutbound (): void {
+    const now = performance.now()
+    if (now - this.lastOutboundScan < 100) return
+    this.lastOutboundScan = now
+    const max = this.opts.outboundBytesTotalMax ?? Infinity
+    const blocked = [...this.connections].filter(c => c.blockedSince > 0).sort((a, b) => a.blockedSince - b.blockedSince)
+    let cut = 0
+    for (const c of blocked) {
+      if (this.outbound.bytes <= 0.75 * max) break
+      c.cut()
+      cut++
+    }
+    if (cut === 0) return
+    this.cutForOutbound += cut
+    this.warn('output waiting for slow clients passed its bound; the ones waiting longest were disconnected', { disconnected: cut, total: this.cutForOutbound, bytes: this.outbound.bytes, max })
+  }
 
   // Take over a listening server: close() will stop it.
   adopt (listener: net.Server): void {
@@ -218,7 +278,7 @@ export class ChatServer {
 
   // Serve one client stream: a socket, or any Duplex (tests use in-memory pairs).
   handle (stream: Duplex): void {
-    const c = new Connection(stream, this.dispatcher, this.opts, conn => {
+    const c = new Connection(stream, this.dispatcher, this.opts, this.outbound, conn => {
       this.connections.delete(conn)
       this.dispatcher.dropSession(conn)
     })

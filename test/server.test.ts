@@ -173,6 +173,40 @@ t.test('the default quota keeps a flood of texts held two bytes per character fr
   t.equal(s.proc.exitCode, null, 'and did not exit')
 })
 
+t.test('clients that ask for big replies and never read are disconnected once their output together passes its bound', async t => {
+  // What piles up for a client waits in the heap; each is bounded (8 MiB), but 30 of them
+  // together aborted a server with a heap limit of 112 MiB before there was a bound on the sum.
+  const s = await startServer(t, { data: tmpDir(t, 'outbound'), script: ['--max-old-space-size=64', path.join(root, 'bin/server.js')] })
+  const conns: RawConn[] = []
+  t.teardown(() => { for (const c of conns) c.close() })
+  const open = async (): Promise<RawConn> => {
+    const c = await RawConn.open(s.port)
+    conns.push(c)
+    return c
+  }
+  const ann = await open()
+  t.match(await ann.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
+  t.match(await ann.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
+  const text = 'z'.repeat(4000)
+  for (let k = 0; k < 900; k += 100) await Promise.all(Array.from({ length: 100 }, async () => ann.req({ op: 'send', to: 'ann', text })))
+  await Promise.all(Array.from({ length: 30 }, async () => {
+    const c = await open()
+    t.match(await c.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
+    c.sock.pause() // never reads again
+    for (let j = 0; j < 3; j++) c.sock.write(JSON.stringify({ op: 'history', limit: 900 }) + '\n') // 3.7 MB each
+  }))
+  const line = await waitFor(() => s.stderr().split('\n').find(l => l.includes('passed its bound')), 20_000, 'the warning')
+  t.match(JSON.parse(line), { level: 'warn', max: Number }, 'the server says it disconnected clients')
+  const fresh = await open()
+  t.match(await fresh.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true }, 'the server is up')
+  // The stalled clients do not read, so they do not see the close: the server counts them.
+  const { clients } = await fresh.req({ op: 'status' })
+  t.ok(typeof clients === 'number' && clients <= 12, `most of the 30 stalled clients disconnected: ${String(clients)} connections left`)
+  const h = await fresh.req({ op: 'history', limit: 900 })
+  t.equal((h.messages as unknown[]).length, 900, 'and a client that reads gets a big reply')
+  t.equal(s.proc.exitCode, null)
+})
+
 t.test('a restart replaying a log of over 16 MiB: checksums on a second thread, messages left packed, the same state', async t => {
   const data = tmpDir(t, 'replay')
   const n = 200_000
