@@ -9,7 +9,18 @@ import { limits } from '../lib/limits.ts'
 import { segmentName } from '../lib/storage/log.ts'
 import { records, batch } from './helpers/storage.ts'
 import type { LogRecord } from '../lib/records.ts'
-import { startServer, runServer, tmpDir, RawConn, waitFor, floodWithoutReading, root } from './helpers/spawn.ts'
+import { startServer, runServer, tmpDir, RawConn, waitFor, floodWithoutReading, root, type Teardown } from './helpers/spawn.ts'
+
+// Opens connections to port, each closed when the test ends.
+function opener (t: Teardown, port: number): () => Promise<RawConn> {
+  const conns: RawConn[] = []
+  t.teardown(() => { for (const c of conns) c.close() })
+  return async () => {
+    const c = await RawConn.open(port)
+    conns.push(c)
+    return c
+  }
+}
 
 t.test('the executable: readiness line, flags, signals', async t => {
   const data = tmpDir(t, 'exe')
@@ -75,13 +86,7 @@ t.test('the executable: readiness line, flags, signals', async t => {
 
 t.test('an account has at most sessionsPerUserMax sessions: the next login is refused until one logs out', async t => {
   const s = await startServer(t, { data: tmpDir(t, 'sessions') })
-  const conns: RawConn[] = []
-  t.teardown(() => { for (const c of conns) c.close() })
-  const open = async (): Promise<RawConn> => {
-    const c = await RawConn.open(s.port)
-    conns.push(c)
-    return c
-  }
+  const open = opener(t, s.port)
   const first = await open()
   t.match(await first.req({ op: 'register', user: 'bob', password: 'pb' }), { ok: true })
   t.match(await first.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
@@ -177,13 +182,7 @@ t.test('clients that ask for big replies and never read are disconnected once th
   // What piles up for a client waits in the heap; each is bounded (8 MiB), but 30 of them
   // together aborted a server with a heap limit of 112 MiB before there was a bound on the sum.
   const s = await startServer(t, { data: tmpDir(t, 'outbound'), script: ['--max-old-space-size=64', path.join(root, 'bin/server.js')] })
-  const conns: RawConn[] = []
-  t.teardown(() => { for (const c of conns) c.close() })
-  const open = async (): Promise<RawConn> => {
-    const c = await RawConn.open(s.port)
-    conns.push(c)
-    return c
-  }
+  const open = opener(t, s.port)
   const ann = await open()
   t.match(await ann.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
   t.match(await ann.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
