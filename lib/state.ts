@@ -483,7 +483,17 @@ const fail = (code: ErrorCode, message: string): Reply => ({ ok: false, error: {
 // message counts its text and its sender's name in UTF-8 bytes, plus a fixed share for the rest
 // of what it takes in memory; an account counts a fixed share.
 export function messageBytes (textBytes: number, fromBytes: number): number { return textBytes + fromBytes + limits.messageOverheadBytes }
-const costOf = (m: Message): number => messageBytes(Buffer.byteLength(m.text, 'utf8'), Buffer.byteLength(m.from, 'utf8'))
+// A message's count. Names are ASCII (protocol.md), so a name's length is its UTF-8 bytes. A
+// send's message is counted twice in a row (its mailbox, its stored reply): the last is kept.
+let lastCounted: Message | null = null
+let lastCount = 0
+function costOf (m: Message): number {
+  if (m !== lastCounted) {
+    lastCount = messageBytes(Buffer.byteLength(m.text, 'utf8'), m.from.length)
+    lastCounted = m
+  }
+  return lastCount
+}
 
 // What a stored reply counts: the messages it holds (a send's, a read's). They are counted again
 // even while the mailbox still holds them too: a stored reply outlives their deletion.
