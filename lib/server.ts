@@ -22,7 +22,9 @@ export interface ConnectionOptions {
 }
 
 // What the connections of one server have written that is still waiting in this process (not
-// yet taken by the kernel): each connection's writableLength as it last saw it, summed.
+// yet taken by the kernel): each connection's writableLength as it last saw it, summed. A part
+// is brought up to date by the connection's next write, 'drain' or close; until then it may
+// still count what one write left waiting and the kernel took since (no event says so).
 interface Outbound {
   bytes: number
   over: () => void // called when bytes passes the bound
@@ -247,9 +249,6 @@ export class ChatServer {
   private lastOutboundScan = -Infinity
 
   constructor (private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly warn: (msg: string, fields: Record<string, unknown>) => void = () => {}) {}
-
-  // Bytes written to clients and still waiting in this process.
-  get outboundBytes (): number { return this.outbound.bytes }
 
   // The connections' output together passed its bound: disconnect the clients that have not
   // taken theirs for the longest until it is back under three quarters of the bound.
