@@ -25,6 +25,9 @@ export const limits = {
   // ... and what piles up for all clients together may take this share of V8's heap limit
   // (it waits in the heap; see server.ts): past it, the clients waiting longest are disconnected
   outboundHeapShare: 1 / 8,
+  // and the unfinished lines of all clients together this share (split2 holds each until its
+  // newline comes; 10,000 connections with a line of 64 KiB each would hold 640 MiB)
+  partialHeapShare: 1 / 16,
   connectionsMax: 10_000,
   // logged-in connections of one account at once: each message sent to it is written to every
   // one of them (1,000 sessions made each send take about 12 ms of the server's time)

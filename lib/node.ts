@@ -130,7 +130,8 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
     lineBytesMax: config.lineBytesMax,
     inflightMax: limits.connectionInflightMax,
     outboundBytesMax: limits.connectionOutboundBytesMax,
-    outboundBytesTotalMax: heapShare(limits.outboundHeapShare)
+    outboundBytesTotalMax: heapShare(limits.outboundHeapShare),
+    partialBytesTotalMax: heapShare(limits.partialHeapShare)
   }, (msg, fields) => log('warn', msg, fields))
   chat.adopt(listener)
 

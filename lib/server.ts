@@ -5,7 +5,9 @@
 // output pile up past a bound is disconnected. What piles up waits in the heap, so there is a
 // bound on all connections together too: past it, the clients that have not taken their output
 // for the longest are disconnected (without it, 30 clients asking for big histories and never
-// reading aborted a server with a 112 MiB heap limit).
+// reading aborted a server with a 112 MiB heap limit). The same goes for unfinished lines, which
+// split2 holds until their newline comes: each is bounded by the line limit, and all together by
+// another bound, past which the clients with the longest ones are disconnected.
 
 import net from 'node:net'
 import type { Duplex } from 'node:stream'
@@ -19,13 +21,15 @@ export interface ConnectionOptions {
   inflightMax: number
   outboundBytesMax: number
   outboundBytesTotalMax?: number // over every connection (default: no such bound)
+  partialBytesTotalMax?: number // unfinished lines, over every connection (default: no such bound)
 }
 
-// What the connections of one server have written that is still waiting in this process (not
-// yet taken by the kernel): each connection's writableLength as it last saw it, summed. A part
-// is brought up to date by the connection's next write, 'drain' or close; until then it may
-// still count what one write left waiting and the kernel took since (no event says so).
-interface Outbound {
+// Bytes all the connections of one server hold in this process, with what to do once they pass
+// their bound. For output: what was written and is still waiting (not yet taken by the kernel),
+// each connection's writableLength as it last saw it. A part is brought up to date by the
+// connection's next write, 'drain' or close; until then it may still count what one write left
+// waiting and the kernel took since (no event says so). For input: the unfinished lines.
+interface Held {
   bytes: number
   over: () => void // called when bytes passes the bound
 }
@@ -55,13 +59,15 @@ class Connection implements Session {
   private endLine: string | null = null // written, and the connection ended, once all is answered
   private blockedOnDrain = false
   blockedSince = 0 // when the socket last stopped taking output (0: it takes it)
-  private queued = 0 // this connection's part of outbound.bytes
+  private queued = 0 // this connection's part of held.outbound.bytes
+  partial = 0 // bytes read after the last newline: its part of held.partial.bytes
   private closed = false // no more requests are read
   private gone = false // the connection itself is closed
 
-  constructor (private readonly stream: Duplex, private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly outbound: Outbound, private readonly onClose: (c: Connection) => void) {
+  constructor (private readonly stream: Duplex, private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly held: { outbound: Held, partial: Held }, private readonly onClose: (c: Connection) => void) {
     // split2 bounds the unterminated remainder; complete lines are checked in onLine.
     this.lines = split2(/\r?\n/, { maxLength: opts.lineBytesMax })
+    stream.on('data', (chunk: Buffer | string) => this.received(chunk))
     stream.pipe(this.lines)
     this.lines.on('data', (line: string) => this.onLine(line))
     this.lines.on('error', () => this.tooLong())
@@ -75,8 +81,7 @@ class Connection implements Session {
     stream.on('close', () => {
       this.closed = true
       this.gone = true
-      this.outbound.bytes -= this.queued
-      this.queued = 0
+      this.letGo()
       this.onClose(this)
     })
   }
@@ -175,6 +180,8 @@ class Connection implements Session {
     this.stream.unpipe(this.lines)
     this.lines.destroy()
     this.stream.pause()
+    this.held.partial.bytes -= this.partial // split2 let it go
+    this.partial = 0
     // Earlier requests still get their replies, then the error, then the connection ends.
     this.endLine = encodeError(undefined, errors.lineTooLong(this.opts.lineBytesMax))
     if (this.head === this.pending.length) this.allAnswered()
@@ -194,19 +201,42 @@ class Connection implements Session {
     if (this.stream.writableLength > this.opts.outboundBytesMax) {
       // The client is not reading: rather than buffer without bound, let it go.
       this.cut()
-    } else if (this.outbound.bytes > (this.opts.outboundBytesTotalMax ?? Infinity)) this.outbound.over()
+    } else if (this.held.outbound.bytes > (this.opts.outboundBytesTotalMax ?? Infinity)) this.held.outbound.over()
   }
 
   private track (): void {
     const now = this.stream.writableLength
-    this.outbound.bytes += now - this.queued
+    this.held.outbound.bytes += now - this.queued
     this.queued = now
   }
 
-  // Disconnect, and let go of what waited for the client at once.
-  cut (): void {
-    this.outbound.bytes -= this.queued
+  // A chunk read: what follows its last newline is (the start of) an unfinished line.
+  private received (chunk: Buffer | string): void {
+    let now: number
+    if (typeof chunk === 'string') {
+      const nl = chunk.lastIndexOf('\n')
+      now = (nl < 0 ? this.partial : 0) + Buffer.byteLength(nl < 0 ? chunk : chunk.slice(nl + 1))
+    } else {
+      const nl = chunk.lastIndexOf(10)
+      now = nl < 0 ? this.partial + chunk.length : chunk.length - nl - 1
+    }
+    if (this.closed) now = 0 // nothing is kept once a line was too long
+    this.held.partial.bytes += now - this.partial
+    this.partial = now
+    if (now > 0 && this.held.partial.bytes > (this.opts.partialBytesTotalMax ?? Infinity)) this.held.partial.over()
+  }
+
+  // Give back this connection's parts of what all connections hold.
+  private letGo (): void {
+    this.held.outbound.bytes -= this.queued
     this.queued = 0
+    this.held.partial.bytes -= this.partial
+    this.partial = 0
+  }
+
+  // Disconnect, and let go of what it held at once.
+  cut (): void {
+    this.letGo()
     this.stream.destroy()
   }
 
@@ -244,30 +274,41 @@ class Connection implements Session {
 export class ChatServer {
   private listener: net.Server | null = null
   private readonly connections = new Set<Connection>()
-  private readonly outbound: Outbound = { bytes: 0, over: () => this.overOutbound() }
-  private cutForOutbound = 0
-  private lastOutboundScan = -Infinity
+  private readonly held = {
+    outbound: { bytes: 0, over: () => this.relieve('outbound') },
+    partial: { bytes: 0, over: () => this.relieve('partial') }
+  }
+
+  private readonly cutFor = { outbound: 0, partial: 0 }
+  private readonly lastLook = { outbound: -Infinity, partial: -Infinity }
 
   constructor (private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly warn: (msg: string, fields: Record<string, unknown>) => void = () => {}) {}
 
-  // The connections' output together passed its bound: disconnect the clients that have not
-  // taken theirs for the longest until it is back under three quarters of the bound.
-  // At most one look every 100 ms: while clients are cut, this is called on every write.
-  private overOutbound (): void {
+  // What the connections hold together passed its bound: disconnect clients until it is back
+  // under three quarters of the bound. For output, the clients that have not taken theirs for
+  // the longest; for unfinished lines, the clients with the longest. At most one look every
+  // 100 ms: while clients are cut, this is called on every write (or read).
+  private relieve (what: 'outbound' | 'partial'): void {
     const now = performance.now()
-    if (now - this.lastOutboundScan < 100) return
-    this.lastOutboundScan = now
-    const max = this.opts.outboundBytesTotalMax ?? Infinity
-    const blocked = [...this.connections].filter(c => c.blockedSince > 0).sort((a, b) => a.blockedSince - b.blockedSince)
+    if (now - this.lastLook[what] < 100) return
+    this.lastLook[what] = now
+    const held = this.held[what]
+    const max = (what === 'outbound' ? this.opts.outboundBytesTotalMax : this.opts.partialBytesTotalMax) ?? Infinity
+    const order = what === 'outbound'
+      ? [...this.connections].filter(c => c.blockedSince > 0).sort((a, b) => a.blockedSince - b.blockedSince)
+      : [...this.connections].filter(c => c.partial > 0).sort((a, b) => b.partial - a.partial)
     let cut = 0
-    for (const c of blocked) {
-      if (this.outbound.bytes <= 0.75 * max) break
+    for (const c of order) {
+      if (held.bytes <= 0.75 * max) break
       c.cut()
       cut++
     }
     if (cut === 0) return
-    this.cutForOutbound += cut
-    this.warn('output waiting for slow clients passed its bound; the ones waiting longest were disconnected', { disconnected: cut, total: this.cutForOutbound, bytes: this.outbound.bytes, max })
+    this.cutFor[what] += cut
+    const msg = what === 'outbound'
+      ? 'output waiting for slow clients passed its bound; the ones waiting longest were disconnected'
+      : 'unfinished lines passed their bound; the clients with the longest were disconnected'
+    this.warn(msg, { disconnected: cut, total: this.cutFor[what], bytes: held.bytes, max })
   }
 
   // Take over a listening server: close() will stop it.
@@ -277,7 +318,7 @@ export class ChatServer {
 
   // Serve one client stream: a socket, or any Duplex (tests use in-memory pairs).
   handle (stream: Duplex): void {
-    const c = new Connection(stream, this.dispatcher, this.opts, this.outbound, conn => {
+    const c = new Connection(stream, this.dispatcher, this.opts, this.held, conn => {
       this.connections.delete(conn)
       this.dispatcher.dropSession(conn)
     })

@@ -206,6 +206,34 @@ t.test('clients that ask for big replies and never read are disconnected once th
   t.equal(s.proc.exitCode, null)
 })
 
+t.test('clients that each send most of a line and never end it are disconnected once their unfinished lines together pass a bound', async t => {
+  // split2 holds an unfinished line until its newline comes. Each is bounded by the line limit,
+  // but 1,500 of 60 KiB each aborted a server with a heap limit of 112 MiB before there was a
+  // bound on the sum.
+  const s = await startServer(t, { data: tmpDir(t, 'partial'), script: ['--max-old-space-size=64', path.join(root, 'bin/server.js')] })
+  const socks: net.Socket[] = []
+  t.teardown(() => { for (const sock of socks) sock.destroy() })
+  const part = '{"op":"ping","pad":"' + 'a'.repeat(60 * 1024)
+  let closed = 0
+  for (let k = 0; k < 1500; k++) {
+    const sock = net.connect(s.port, '127.0.0.1')
+    sock.on('error', () => {})
+    sock.on('close', () => { closed++ })
+    socks.push(sock)
+    await new Promise(resolve => sock.once('connect', resolve))
+    sock.write(part)
+  }
+  const line = await waitFor(() => s.stderr().split('\n').find(l => l.includes('unfinished lines passed their bound')), 20_000, 'the warning')
+  t.match(JSON.parse(line), { level: 'warn', max: Number }, 'the server says it disconnected clients')
+  await waitFor(() => closed >= 1000 ? true : undefined, 20_000, 'most of them disconnected')
+  t.pass(`${closed} of 1,500 disconnected`)
+  const c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  t.match(await c.req({ op: 'ping' }), { ok: true }, 'the server is up')
+  t.match(await c.req({ op: 'ping', pad: 'b'.repeat(60 * 1024) }), { ok: true }, 'and a line as long, once whole, is served')
+  t.equal(s.proc.exitCode, null)
+})
+
 t.test('a restart replaying a log of over 16 MiB: checksums on a second thread, messages left packed, the same state', async t => {
   const data = tmpDir(t, 'replay')
   const n = 200_000
