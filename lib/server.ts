@@ -31,7 +31,14 @@ export interface ConnectionOptions {
 // waiting and the kernel took since (no event says so). For input: the unfinished lines.
 interface Held {
   bytes: number
-  over: () => void // called when bytes passes the bound
+  max: number // the bound (Infinity: none)
+  over: () => void // called when bytes passes it
+}
+
+// Move a connection's part of `held` from `was` to `now`; returns `now`, its new part.
+function move (held: Held, was: number, now: number): number {
+  held.bytes += now - was
+  return now
 }
 
 let nextSessionId = 1
@@ -180,8 +187,7 @@ class Connection implements Session {
     this.stream.unpipe(this.lines)
     this.lines.destroy()
     this.stream.pause()
-    this.held.partial.bytes -= this.partial // split2 let it go
-    this.partial = 0
+    this.partial = move(this.held.partial, this.partial, 0) // split2 let it go
     // Earlier requests still get their replies, then the error, then the connection ends.
     this.endLine = encodeError(undefined, errors.lineTooLong(this.opts.lineBytesMax))
     if (this.head === this.pending.length) this.allAnswered()
@@ -201,13 +207,11 @@ class Connection implements Session {
     if (this.stream.writableLength > this.opts.outboundBytesMax) {
       // The client is not reading: rather than buffer without bound, let it go.
       this.cut()
-    } else if (this.held.outbound.bytes > (this.opts.outboundBytesTotalMax ?? Infinity)) this.held.outbound.over()
+    } else if (this.held.outbound.bytes > this.held.outbound.max) this.held.outbound.over()
   }
 
   private track (): void {
-    const now = this.stream.writableLength
-    this.held.outbound.bytes += now - this.queued
-    this.queued = now
+    this.queued = move(this.held.outbound, this.queued, this.stream.writableLength)
   }
 
   // A chunk read: what follows its last newline is (the start of) an unfinished line.
@@ -221,17 +225,14 @@ class Connection implements Session {
       now = nl < 0 ? this.partial + chunk.length : chunk.length - nl - 1
     }
     if (this.closed) now = 0 // nothing is kept once a line was too long
-    this.held.partial.bytes += now - this.partial
-    this.partial = now
-    if (now > 0 && this.held.partial.bytes > (this.opts.partialBytesTotalMax ?? Infinity)) this.held.partial.over()
+    this.partial = move(this.held.partial, this.partial, now)
+    if (now > 0 && this.held.partial.bytes > this.held.partial.max) this.held.partial.over()
   }
 
   // Give back this connection's parts of what all connections hold.
   private letGo (): void {
-    this.held.outbound.bytes -= this.queued
-    this.queued = 0
-    this.held.partial.bytes -= this.partial
-    this.partial = 0
+    this.queued = move(this.held.outbound, this.queued, 0)
+    this.partial = move(this.held.partial, this.partial, 0)
   }
 
   // Disconnect, and let go of what it held at once.
@@ -274,41 +275,43 @@ class Connection implements Session {
 export class ChatServer {
   private listener: net.Server | null = null
   private readonly connections = new Set<Connection>()
-  private readonly held = {
-    outbound: { bytes: 0, over: () => this.relieve('outbound') },
-    partial: { bytes: 0, over: () => this.relieve('partial') }
+  private readonly held: { outbound: Held, partial: Held }
+
+  constructor (private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly warn: (msg: string, fields: Record<string, unknown>) => void = () => {}) {
+    this.held = {
+      outbound: this.bound(opts.outboundBytesTotalMax, 'output waiting for slow clients passed its bound; the ones waiting longest were disconnected',
+        () => [...this.connections].filter(c => c.blockedSince > 0).sort((a, b) => a.blockedSince - b.blockedSince)),
+      partial: this.bound(opts.partialBytesTotalMax, 'unfinished lines passed their bound; the clients with the longest were disconnected',
+        () => [...this.connections].filter(c => c.partial > 0).sort((a, b) => b.partial - a.partial))
+    }
   }
 
-  private readonly cutFor = { outbound: 0, partial: 0 }
-  private readonly lastLook = { outbound: -Infinity, partial: -Infinity }
-
-  constructor (private readonly dispatcher: Dispatcher, private readonly opts: ConnectionOptions, private readonly warn: (msg: string, fields: Record<string, unknown>) => void = () => {}) {}
-
-  // What the connections hold together passed its bound: disconnect clients until it is back
-  // under three quarters of the bound. For output, the clients that have not taken theirs for
-  // the longest; for unfinished lines, the clients with the longest. At most one look every
-  // 100 ms: while clients are cut, this is called on every write (or read).
-  private relieve (what: 'outbound' | 'partial'): void {
-    const now = performance.now()
-    if (now - this.lastLook[what] < 100) return
-    this.lastLook[what] = now
-    const held = this.held[what]
-    const max = (what === 'outbound' ? this.opts.outboundBytesTotalMax : this.opts.partialBytesTotalMax) ?? Infinity
-    const order = what === 'outbound'
-      ? [...this.connections].filter(c => c.blockedSince > 0).sort((a, b) => a.blockedSince - b.blockedSince)
-      : [...this.connections].filter(c => c.partial > 0).sort((a, b) => b.partial - a.partial)
-    let cut = 0
-    for (const c of order) {
-      if (held.bytes <= 0.75 * max) break
-      c.cut()
-      cut++
+  // A bound on what all connections hold. Once it is passed, the clients `first` lists are
+  // disconnected in that order until it is back under three quarters of the bound, with
+  // `warning`. At most one look every 100 ms: while clients are cut, `over` is called on every
+  // write (or read).
+  private bound (max = Infinity, warning: string, first: () => Connection[]): Held {
+    let lastLook = -Infinity
+    let total = 0
+    const held: Held = {
+      bytes: 0,
+      max,
+      over: () => {
+        const now = performance.now()
+        if (now - lastLook < 100) return
+        lastLook = now
+        let cut = 0
+        for (const c of first()) {
+          if (held.bytes <= 0.75 * max) break
+          c.cut()
+          cut++
+        }
+        if (cut === 0) return
+        total += cut
+        this.warn(warning, { disconnected: cut, total, bytes: held.bytes, max })
+      }
     }
-    if (cut === 0) return
-    this.cutFor[what] += cut
-    const msg = what === 'outbound'
-      ? 'output waiting for slow clients passed its bound; the ones waiting longest were disconnected'
-      : 'unfinished lines passed their bound; the clients with the longest were disconnected'
-    this.warn(msg, { disconnected: cut, total: this.cutFor[what], bytes: held.bytes, max })
+    return held
   }
 
   // Take over a listening server: close() will stop it.
