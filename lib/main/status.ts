@@ -185,9 +185,8 @@ export function assess (probes: Probe[]): Report {
   disagree('quota', s => typeof s.quota === 'number' ? `${mib(s.quota)} MiB` : 'none told')
   for (const p of up) {
     const s = p.status!
-    if (typeof s.stored === 'number' && typeof s.quota === 'number' && s.stored >= s.quota) {
-      problems.push(`${p.member} holds as much as its quota allows (${mib(s.quota)} MiB)${isPrimary(s) ? ': sends and registrations are refused' : ''}`)
-    }
+    const share = quotaShare(s)
+    if (share !== null && share >= 1) problems.push(`${p.member} holds as much as its quota allows (${mib(s.quota!)} MiB)${isPrimary(s) ? ': sends and registrations are refused' : ''}`)
   }
 
   if (primary) {
@@ -206,10 +205,15 @@ export function assess (probes: Probe[]): Report {
 
 const mib = (bytes: number): string => String(Math.round(bytes / 1048576 * 10) / 10)
 
-// How full the member is, as a share of its quota.
+// How full the member is, as a share of its quota (1: full); null if it does not tell.
+function quotaShare (s: Status): number | null {
+  if (typeof s.stored !== 'number' || typeof s.quota !== 'number' || s.quota <= 0) return null
+  return s.stored / s.quota
+}
+
 function quotaCell (s: Status): string {
-  if (typeof s.stored !== 'number' || typeof s.quota !== 'number' || s.quota <= 0) return '-'
-  return `${Math.floor(s.stored / s.quota * 100)}%`
+  const share = quotaShare(s)
+  return share === null ? '-' : `${Math.floor(share * 100)}%`
 }
 
 function chainText (chain: unknown): string {
