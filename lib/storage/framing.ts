@@ -71,6 +71,8 @@ const sendTag = 0x01
 const sendHeadBytes = 35
 const messagesTag = 0x02
 const messageHeadBytes = 23
+// A messages chunk's payload before its messages: tag, name length, name, message count.
+const messagesChunkHeadBytes = (nameLen: number): number => 1 + 2 + nameLen + 4
 
 // A log record's frame: binary for a send, JSON for the rest.
 export function encodeRecordFrame (r: LogRecord): Buffer {
@@ -165,7 +167,7 @@ export function encodeChunkFrame (chunk: object, max: number = limits.snapshotFr
   if (c.kind !== 'messages' || typeof c.name !== 'string' || !Array.isArray(c.messages)) return encodeFrame(chunk, max)
   const name = c.name
   const nameLen = Buffer.byteLength(name, 'utf8')
-  let len = 1 + 2 + nameLen + 4
+  let len = messagesChunkHeadBytes(nameLen)
   for (const m of c.messages) {
     if (m[2] !== name) return encodeFrame(chunk, max)
     const fromLen = Buffer.byteLength(m[1], 'utf8')
@@ -247,7 +249,7 @@ function packedMessages (buf: Buffer, start: number, end: number): Record<string
 // chunk (see packedMessages), all together, from its length: everything else in it has a fixed
 // size (see encodeChunkFrame).
 export function packedMessagesBytes (packed: Buffer, count: number): number {
-  return packed.length - (1 + 2 + packed.readUInt16LE(1) + 4) - count * messageHeadBytes
+  return packed.length - messagesChunkHeadBytes(packed.readUInt16LE(1)) - count * messageHeadBytes
 }
 
 // Hand every message of a packed messages chunk (see packedMessages) to `visit`, in order.
