@@ -334,6 +334,24 @@ export class Mailbox {
     return new Mailbox(this.ids.slice(), this.messages.slice(), this.unread.slice(this.unreadHead))
   }
 
+  // Every message in id order, as a snapshot holds it, in runs of at most `per` (made without a
+  // pair per message, as entries makes them: a snapshot takes every message there is).
+  * runs (per: number): Generator<SnapshotMessage[]> {
+    this.warm()
+    const { ids, messages, unread } = this
+    let u = this.unreadHead
+    for (let k0 = 0; k0 < ids.length; k0 += per) {
+      const run = new Array<SnapshotMessage>(Math.min(per, ids.length - k0))
+      for (let j = 0; j < run.length; j++) {
+        const m = messages[k0 + j]
+        const isUnread = unread[u] === ids[k0 + j]
+        if (isUnread) u++
+        run[j] = [m.id, m.from, m.to, m.text, m.ts, isUnread ? 0 : 1]
+      }
+      yield run
+    }
+  }
+
   // Every message in id order, with its read mark.
   * entries (): Generator<[Message, boolean]> {
     this.warm()
@@ -1101,15 +1119,7 @@ function * chunksOf (head: SnapshotChunk, accounts: Account[], { keys, ts, repli
   yield head
   for (const a of accounts) {
     yield { kind: 'account', name: a.name, salt: a.salt, hash: a.hash, created: a.created, messages: [] }
-    let messages: SnapshotMessage[] = []
-    for (const [m, read] of a.mailbox.entries()) {
-      messages.push([m.id, m.from, m.to, m.text, m.ts, read ? 1 : 0])
-      if (messages.length === messagesPerChunk) {
-        yield { kind: 'messages', name: a.name, messages }
-        messages = []
-      }
-    }
-    if (messages.length > 0) yield { kind: 'messages', name: a.name, messages }
+    for (const messages of a.mailbox.runs(messagesPerChunk)) yield { kind: 'messages', name: a.name, messages }
   }
   for (let k = 0; k < keys.length; k += ridsPerChunk) {
     const entries: Array<[string, number, Reply]> = []

@@ -4,7 +4,7 @@ import { encodeFrame, encodeRecordFrame, encodeChunkFrame, decodeFrame, validFra
 import { limits } from '../lib/limits.ts'
 import { record } from './helpers/storage.ts'
 import type { LogRecord, SendRecord } from '../lib/records.ts'
-import type { SnapshotMessage } from '../lib/state.ts'
+import type { Reply, SnapshotMessage } from '../lib/state.ts'
 
 // A frame with the given payload bytes and a correct checksum, built by hand.
 function rawFrame (payload: Buffer | string, len?: number): Buffer {
@@ -270,4 +270,85 @@ t.test('encodeChunkFrame refuses a chunk beyond the bound it is given (snapshotF
   t.throws(() => encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: big }, limits.recordBytesMax), RangeError)
   t.throws(() => encodeChunkFrame({ kind: 'state', pad: 'x'.repeat(limits.recordBytesMax) }, limits.recordBytesMax), RangeError, 'JSON chunks too')
   t.throws(() => encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: [[1, 'a'.repeat(0x10000), 'Bob', '', 1, 0]] }), RangeError)
+})
+
+// ---- binary rids chunks (the exactly-once table in snapshots) ------------------------------
+
+type RidEntry = [string, number, Reply]
+const sentReply = (id: number, from: string, to: string, text: string, ts: number): Reply => ({ ok: true, message: { id, from, to, text, ts } })
+const rids: RidEntry[] = [
+  ['alice\u0000r1', 1_700_000_000_000, sentReply(3, 'alice', 'Bob', 'hi', 1_700_000_000_000)],
+  ['alice\u0000r2', 5, { ok: true }],
+  ['caf\u00e9\u0000r\u{1f600}', 2 ** 52, sentReply(2 ** 52, 'caf\u00e9', 'z\u{1f600}', 'caf\u00e9 \u{1f600} \u0000 "q"\n', 7)],
+  ['bob\u0000r3', 6, { ok: false, error: { code: 'NO_SUCH_USER', message: 'no user named nobody' } }],
+  ['bob\u0000r4', 8, { ok: true, messages: [{ id: 3, from: 'alice', to: 'Bob', text: 'hi', ts: 1 }], remaining: 0 }],
+  ['', 0, sentReply(Number.MAX_SAFE_INTEGER, '', '', '', 0)]
+]
+
+t.test('a rids chunk is binary and decodes to the same chunk, replies field for field in the same order', async t => {
+  for (const entries of [rids, [], rids.slice(0, 1), rids.slice(1, 2)]) {
+    const chunk = { kind: 'rids', entries }
+    const f = encodeChunkFrame(chunk)
+    t.equal(f[frameHeaderBytes], 0x03, 'the binary tag')
+    const back = decodeFrame(f, 0)
+    t.same(back, { kind: 'ok', value: chunk, next: f.length })
+    t.equal(back.kind === 'ok' && JSON.stringify(back.value), JSON.stringify(chunk), 'the same JSON: fields in the same order')
+  }
+  t.ok(encodeChunkFrame({ kind: 'rids', entries: rids }).length < encodeFrame({ kind: 'rids', entries: rids }).length, 'smaller than the JSON')
+})
+
+t.test('a rids chunk writes a reply shaped otherwise than a send\'s as JSON inside it, and it comes back as it was', async t => {
+  const odd: RidEntry[] = [
+    ['k1', 1, { ok: true, message: { id: 1, from: 'a', to: 'b', text: 'x', ts: 2 }, delivered: true }], // a field more
+    ['k2', 1, { ok: true, message: { from: 'a', id: 1, to: 'b', text: 'x', ts: 2 } }], // another order
+    ['k3', 1, { ok: true, message: { id: '1', from: 'a', to: 'b', text: 'x', ts: 2 } }], // a string id
+    ['k4', 1, { ok: true, message: { id: 1, from: 'a', to: 'b', text: 'x', ts: 2, read: true } }],
+    ['k5', 1, { message: { id: 1, from: 'a', to: 'b', text: 'x', ts: 2 }, ok: true }]
+  ]
+  const chunk = { kind: 'rids', entries: odd }
+  const f = encodeChunkFrame(chunk)
+  t.equal(f[frameHeaderBytes], 0x03)
+  const back = decodeFrame(f, 0)
+  t.equal(back.kind === 'ok' && JSON.stringify(back.value), JSON.stringify(chunk))
+})
+
+t.test('a rids chunk with a key or a name of 64 KiB is JSON', async t => {
+  for (const entries of [[['k'.repeat(0x10000), 1, { ok: true }]], [['k', 1, sentReply(1, 'a'.repeat(0x10000), 'b', '', 1)]], [['k', 1, sentReply(1, 'a', 'b'.repeat(0x10000), '', 1)]]]) {
+    const chunk = { kind: 'rids', entries }
+    t.same(encodeChunkFrame(chunk), encodeFrame(chunk, limits.snapshotFrameBytesMax))
+  }
+  const longest = { kind: 'rids', entries: [['k'.repeat(0xffff), 1, sentReply(1, 'a'.repeat(0xffff), 'b'.repeat(0xffff), 'x', 1)]] }
+  const f = encodeChunkFrame(longest)
+  t.equal(f[frameHeaderBytes], 0x03, 'just under is binary')
+  t.same(decodeFrame(f, 0, limits.snapshotFrameBytesMax), { kind: 'ok', value: longest, next: f.length })
+})
+
+t.test('a rids chunk that is not well formed is bad, even with a good checksum; every truncation is short', async t => {
+  const f = encodeChunkFrame({ kind: 'rids', entries: rids })
+  for (let cut = 0; cut < f.length; cut++) t.same(decodeFrame(f.subarray(0, cut), 0), { kind: 'short' }, `cut at ${cut}`)
+  const payload = f.subarray(frameHeaderBytes)
+  const edited = (edit: (p: Buffer) => void): Buffer => { const p = Buffer.from(payload); edit(p); return p }
+  const head = (k: number): number => 5 + 35 * k // where entry k's head starts
+  const cases: Array<[string, Buffer]> = [
+    ['the tag alone', Buffer.from([0x03])],
+    ['no whole count', payload.subarray(0, 4)],
+    ['heads cut short', payload.subarray(0, head(2) + 3)],
+    ['a string cut short', payload.subarray(0, payload.length - 1)],
+    ['a byte too many', Buffer.concat([payload, Buffer.from('x')])],
+    ['a count beyond the bytes', edited(p => p.writeUInt32LE(100_000, 1))],
+    ['a count of one more', edited(p => p.writeUInt32LE(rids.length + 1, 1))],
+    ['a count of one less', edited(p => p.writeUInt32LE(rids.length - 1, 1))],
+    ['a kind of 2', edited(p => { p[head(0) + 10] = 2 })],
+    ['a key length one too big', edited(p => p.writeUInt16LE(p.readUInt16LE(head(0)) + 1, head(0)))],
+    ['a text length beyond everything', edited(p => p.writeUInt32LE(0xffffffff, head(0) + 31))],
+    ['a reply that is not JSON', edited(p => { p[p.indexOf('{"ok":true}')] = 0x78 })],
+    ['a reply that is JSON but no object', edited(p => p.write('[ "ok",true]', p.indexOf('{"ok":true}')))]
+  ]
+  for (const [what, p] of cases) t.same(decodeFrame(rawFrame(p), 0), { kind: 'bad', why: 'malformed rids chunk' }, what)
+})
+
+t.test('validFrameAfter finds a rids chunk frame', async t => {
+  const a = encodeFrame(record(1))
+  const b = encodeChunkFrame({ kind: 'rids', entries: rids })
+  t.equal(validFrameAfter(Buffer.concat([a, Buffer.from('junk'), b]), 0), true)
 })

@@ -4,11 +4,12 @@
 //                                snapshotFrameBytesMax in a snapshot)
 //   offset 4: u32 little-endian  CRC-32 (zlib polynomial) of the payload
 //   offset 8: payload            a UTF-8 JSON object (first byte '{'), a binary send record
-//                                (first byte 0x01) or binary messages chunk (0x02), below
+//                                (first byte 0x01), or a binary messages (0x02) or rids
+//                                (0x03) chunk, below
 //
 // A frame is valid only if its length is in range, it lies wholly inside the file, its CRC
-// matches, and its payload parses as a JSON object or is well-formed binary (a send record or a
-// snapshot's messages chunk).
+// matches, and its payload parses as a JSON object or is well-formed binary (a send record, or a
+// snapshot's messages or rids chunk).
 //
 // Sends are most of any log, and parsing them as JSON was the largest single cost of replaying
 // one, so the log writes them in binary (encodeRecordFrame): decoding one is a few reads at fixed
@@ -28,7 +29,7 @@
 // reads as it always did).
 //
 // Snapshots are mostly messages, so a snapshot's `messages` chunks (a run of one mailbox's
-// messages, see state.ts) are binary too (encodeChunkFrame); the other chunks are JSON:
+// messages, see state.ts) are binary too (encodeChunkFrame):
 //
 //   offset 0: u8   0x02
 //   offset 1: u16  bytes of the mailbox owner's name, then the name (the `to` of every message)
@@ -37,13 +38,26 @@
 //               then from and text
 //   the last message ends where the payload ends.
 //
-// At start-up a server reads its snapshot's messages chunks packed (decodeFrame's packMessages):
-// each is checked here, and decoded only when its mailbox is first used (state.ts, Mailbox.defer).
+// So are its `rids` chunks (the exactly-once table, see state.ts), whose entries are mostly the
+// stored replies of sends, each holding its whole message:
+//
+//   offset 0: u8   0x03
+//   offset 1: u32  number of entries, then a head of 35 bytes for each entry:
+//               u16 bytes of key, f64 ts, u8 kind, and for
+//               kind 1, a send's reply { ok: true, message: { id, from, to, text, ts } }:
+//                 f64 id, f64 ts, u16 bytes of from, u16 bytes of to, u32 bytes of text
+//               kind 0, any other reply: 20 zero bytes, then u32 bytes of its JSON
+//   then the strings of every entry in order, back to back: the key, then from, to and text
+//   (kind 1) or the JSON (kind 0); the last ends where the payload ends.
+//
+// The other chunks are JSON. At start-up a server reads its snapshot's messages chunks packed
+// (decodeFrame's packMessages): each is checked here, and decoded only when its mailbox is first
+// used (state.ts, Mailbox.defer).
 
 import zlib from 'node:zlib'
 import { limits } from '../limits.ts'
 import type { LogRecord, PackedSendRecord, SendRecord } from '../records.ts'
-import type { Message, SnapshotMessage } from '../state.ts'
+import type { Message, Reply, SnapshotMessage } from '../state.ts'
 
 export const frameHeaderBytes = 8
 
@@ -71,6 +85,8 @@ const sendTag = 0x01
 const sendHeadBytes = 35
 const messagesTag = 0x02
 const messageHeadBytes = 23
+const ridsTag = 0x03
+const ridHeadBytes = 35
 // A messages chunk's payload before its messages: tag, name length, name, message count.
 const messagesChunkHeadBytes = (nameLen: number): number => 1 + 2 + nameLen + 4
 
@@ -103,6 +119,7 @@ export function encodeRecordFrame (r: LogRecord): Buffer {
 // What buf.toString('utf8', start, end) calls once it has checked its arguments and looked up
 // the encoding; decodeSend has checked the bounds itself, and calls it four times per record.
 const utf8Slice = (Buffer.prototype as unknown as { utf8Slice: (this: Buffer, start: number, end: number) => string }).utf8Slice
+const utf8Write = (Buffer.prototype as unknown as { utf8Write: (this: Buffer, s: string, offset: number) => number }).utf8Write
 
 // The send record in buf[start, end), or null if the lengths do not fill it exactly. With
 // packText, its text is not decoded: the record says where its payload starts instead (see
@@ -160,10 +177,12 @@ export function unpackSend (r: PackedSendRecord): SendRecord {
   return rk === undefined ? { op: 'send', from, to, text, i, e, ts } : { op: 'send', from, to, text, rk, i, e, ts }
 }
 
-// A snapshot chunk's frame: binary for a `messages` chunk, JSON for the rest. A chunk whose
-// messages are not all to its mailbox's owner (never the case in a real state) stays JSON.
+// A snapshot chunk's frame: binary for a `messages` or `rids` chunk, JSON for the rest. A chunk
+// whose messages are not all to its mailbox's owner, or with a key or name of 64 KiB or more
+// (never the case in a real state), stays JSON.
 export function encodeChunkFrame (chunk: object, max: number = limits.snapshotFrameBytesMax): Buffer {
-  const c = chunk as { kind?: unknown, name?: unknown, messages?: SnapshotMessage[] }
+  const c = chunk as { kind?: unknown, name?: unknown, messages?: SnapshotMessage[], entries?: Array<[string, number, Reply]> }
+  if (c.kind === 'rids' && Array.isArray(c.entries)) return encodeRids(c.entries, max) ?? encodeFrame(chunk, max)
   if (c.kind !== 'messages' || typeof c.name !== 'string' || !Array.isArray(c.messages)) return encodeFrame(chunk, max)
   const name = c.name
   const nameLen = Buffer.byteLength(name, 'utf8')
@@ -194,6 +213,111 @@ export function encodeChunkFrame (chunk: object, max: number = limits.snapshotFr
     p += messageHeadBytes + fromLen + textLen
   }
   return seal(frame)
+}
+
+// The message of a send's stored reply, { ok: true, message: { id, from, to, text, ts } } and
+// nothing else, as state.ts makes it; null for any other reply. Only such a reply is written as
+// kind 1 of a rids chunk: it decodes to an equal object, its fields in the same order.
+function sentMessage (reply: Reply): Message | null {
+  if (reply.ok !== true) return null
+  const m = reply.message as Message | undefined
+  if (m === undefined || typeof m !== 'object' || m === null) return null
+  let n = 0
+  for (const k in reply) if (k !== (n++ === 0 ? 'ok' : n === 2 ? 'message' : '')) return null
+  const keys = Object.keys(m)
+  if (keys.length !== 5 || keys[0] !== 'id' || keys[1] !== 'from' || keys[2] !== 'to' || keys[3] !== 'text' || keys[4] !== 'ts') return null
+  if (typeof m.id !== 'number' || typeof m.from !== 'string' || typeof m.to !== 'string' || typeof m.text !== 'string' || typeof m.ts !== 'number') return null
+  return m
+}
+
+// A rids chunk's payload (see the top of this file), or null if an entry cannot be written in
+// it (a key or a name of 64 KiB or more), for the caller to write JSON instead. The strings go
+// last, as one: one call into Buffer's UTF-8 writer instead of four per entry, each of which
+// costs more than the whole of a short name's bytes (about 70 ns).
+function encodeRids (entries: Array<[string, number, Reply]>, max: number): Buffer | null {
+  const n = entries.length
+  const sent = new Array<Message | null>(n)
+  const parts: string[] = [] // per entry: the key, then from, to and text, or the reply's JSON
+  for (let k = 0; k < n; k++) {
+    const [key, , reply] = entries[k]
+    const m = sent[k] = sentMessage(reply)
+    if (m !== null) parts.push(key, m.from, m.to, m.text)
+    else parts.push(key, JSON.stringify(reply))
+  }
+  const strings = parts.join('')
+  const stringsLen = Buffer.byteLength(strings, 'utf8')
+  const bytes = stringsLen === strings.length ? (s: string) => s.length : (s: string) => Buffer.byteLength(s, 'utf8') // all ASCII, or not
+  const frame = allocFrame(5 + n * ridHeadBytes + stringsLen, max)
+  let p = frameHeaderBytes
+  frame[p] = ridsTag
+  frame.writeUInt32LE(n, p + 1)
+  p += 5
+  let at = 0 // in parts
+  for (let k = 0; k < n; k++) {
+    const m = sent[k]
+    const keyLen = bytes(parts[at++])
+    if (keyLen > 0xffff) return null
+    frame.writeUInt16LE(keyLen, p)
+    frame.writeDoubleLE(entries[k][1], p + 2)
+    if (m === null) {
+      frame.fill(0, p + 10, p + 31)
+      frame.writeUInt32LE(bytes(parts[at++]), p + 31)
+    } else {
+      const fromLen = bytes(parts[at++])
+      const toLen = bytes(parts[at++])
+      if (fromLen > 0xffff || toLen > 0xffff) return null
+      frame[p + 10] = 1
+      frame.writeDoubleLE(m.id, p + 11)
+      frame.writeDoubleLE(m.ts, p + 19)
+      frame.writeUInt16LE(fromLen, p + 27)
+      frame.writeUInt16LE(toLen, p + 29)
+      frame.writeUInt32LE(bytes(parts[at++]), p + 31)
+    }
+    p += ridHeadBytes
+  }
+  utf8Write.call(frame, strings, p)
+  return seal(frame)
+}
+
+// The rids chunk in buf[start, end), or null if it is not well formed.
+function decodeRids (buf: Buffer, start: number, end: number): Record<string, unknown> | null {
+  if (end - start < 5) return null
+  const n = buf.readUInt32LE(start + 1)
+  const stringsAt = start + 5 + n * ridHeadBytes
+  if (stringsAt > end) return null
+  let stringsLen = 0
+  for (let p = start + 5; p < stringsAt; p += ridHeadBytes) {
+    const kind = buf[p + 10]
+    if (kind > 1) return null
+    stringsLen += buf.readUInt16LE(p) + buf.readUInt16LE(p + 27) + buf.readUInt16LE(p + 29) + buf.readUInt32LE(p + 31)
+  }
+  if (stringsAt + stringsLen !== end) return null
+  // Each string decoded on its own: substrings of one string for all would keep it whole in
+  // memory for as long as any of them lives.
+  let q = stringsAt
+  const take = (len: number): string => utf8Slice.call(buf, q, q += len)
+  const entries = new Array<[string, number, Reply]>(n)
+  for (let k = 0, p = start + 5; k < n; k++, p += ridHeadBytes) {
+    const key = take(buf.readUInt16LE(p))
+    const ts = buf.readDoubleLE(p + 2)
+    let reply: Reply
+    if (buf[p + 10] === 1) {
+      const from = take(buf.readUInt16LE(p + 27))
+      const to = take(buf.readUInt16LE(p + 29))
+      reply = { ok: true, message: { id: buf.readDoubleLE(p + 11), from, to, text: take(buf.readUInt32LE(p + 31)), ts: buf.readDoubleLE(p + 19) } }
+    } else {
+      let value: unknown
+      try {
+        value = JSON.parse(take(buf.readUInt32LE(p + 31)))
+      } catch {
+        return null
+      }
+      if (value === null || typeof value !== 'object' || Array.isArray(value)) return null
+      reply = value as Reply
+    }
+    entries[k] = [key, ts, reply]
+  }
+  return { kind: 'rids', entries }
 }
 
 // Walk the messages chunk in buf[start, end): its owner's name and how many messages it holds,
@@ -282,6 +406,10 @@ export function decodeFrame (buf: Buffer, offset: number, max: number = limits.r
     const c = packMessages ? packedMessages(buf, start, end) : decodeMessages(buf, start, end)
     return c === null ? { kind: 'bad', why: 'malformed messages chunk' } : { kind: 'ok', value: c, next: end }
   }
+  if (buf[start] === ridsTag) {
+    const c = decodeRids(buf, start, end)
+    return c === null ? { kind: 'bad', why: 'malformed rids chunk' } : { kind: 'ok', value: c, next: end }
+  }
   let value: unknown
   try {
     value = JSON.parse(buf.toString('utf8', start, end))
@@ -300,7 +428,7 @@ export function validFrameAfter (buf: Buffer, offset: number): boolean {
     if (len < 2 || len > limits.recordBytesMax || at + frameHeaderBytes + len > buf.length) continue
     // Cheap filter before the checksum: payloads are JSON objects or binary.
     const first = buf[at + frameHeaderBytes]
-    if (first === 0x7b ? buf[at + frameHeaderBytes + len - 1] !== 0x7d : first !== sendTag && first !== messagesTag) continue
+    if (first === 0x7b ? buf[at + frameHeaderBytes + len - 1] !== 0x7d : first !== sendTag && first !== messagesTag && first !== ridsTag) continue
     if (decodeFrame(buf, at).kind === 'ok') return true
   }
   return false
