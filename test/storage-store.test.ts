@@ -392,6 +392,40 @@ t.test('background snapshots: a failed write leaves the log whole and retries a 
   t.same(stateView(back.state), stateView(replayed(20)), 'everything recovers from the snapshot at 10 and the log')
 })
 
+t.test('background snapshots: what a snapshot covers is deleted off the event loop; a failed deletion is only a warning, and what it left goes later', async t => {
+  const dir = tempDir(t, 'store')
+  const ff = faultyFiles()
+  const { store, infos, warnings } = openStore({ dir, files: ff.files, snapshotEveryRecords: 10, backgroundSnapshots: true })
+  const { state } = store.recover()
+  const unlinked: string[] = []
+  ff.hooks.unlink = (p, cb) => {
+    unlinked.push(path.basename(String(p)))
+    if (String(p).endsWith('.wal')) setImmediate(cb, errnoError('EIO'))
+    else ff.real.unlink(p, cb)
+  }
+  drive(store, state, 1, 10)
+  await waitFor(() => warnings.length > 0, 5000, 'the failed deletion')
+  t.match(warnings, [{ msg: /removing what the snapshot covers failed/, fields: { error: /EIO/ } }])
+  t.same(unlinked, [segmentName(1)], 'asynchronously')
+  t.same(infos.filter(i => i.msg === 'snapshot written'), [], 'not said to be written in full')
+  t.same(listed(dir), [segmentName(1), segmentName(11), snapName(10)], 'the covered segment is still there')
+  // An older snapshot that is gone already (ENOENT) is no failure.
+  ff.hooks.unlink = (p, cb) => { unlinked.push(path.basename(String(p))); setImmediate(cb, errnoError('ENOENT')) }
+  drive(store, state, 11, 20)
+  await waitFor(() => infos.some(i => i.msg === 'snapshot written'), 5000, 'the second snapshot')
+  t.same(unlinked.slice(1), [segmentName(11), snapName(10)])
+  t.equal(warnings.length, 1)
+  store.close()
+  // After a restart, the segments left are skipped, and the first snapshot deletes them.
+  const back = reopen(t, dir, { snapshotEveryRecords: 5, backgroundSnapshots: true })
+  t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 20, replayed: 0 })
+  t.same(stateView(back.state), stateView(replayed(20)))
+  t.same(listed(dir), [segmentName(1), segmentName(11), segmentName(21), snapName(20)], 'the older snapshot went at the start')
+  drive(back.store, back.state, 21, 25)
+  await waitFor(() => listed(dir).length === 2, 5000, 'the third snapshot')
+  t.same(listed(dir), [segmentName(26), snapName(25)])
+})
+
 t.test('background snapshots after a start from a snapshot: a due one first decodes the mailboxes left packed, a slice per write', async t => {
   const dir = tempDir(t, 'store')
   const first = openStore({ dir, snapshotEveryRecords: 35 })

@@ -17,6 +17,7 @@ export interface FileOps {
   readFileSync: (path: string) => Buffer
   renameSync: typeof fs.renameSync
   unlinkSync: typeof fs.unlinkSync
+  unlink: (path: string, cb: (err: NodeJS.ErrnoException | null) => void) => void
   readdirSync: (path: string) => string[]
   mkdirSync: typeof fs.mkdirSync
 }
@@ -34,6 +35,7 @@ export const realFiles: FileOps = {
   readFileSync: (p) => fs.readFileSync(p),
   renameSync: fs.renameSync,
   unlinkSync: fs.unlinkSync,
+  unlink: (p, cb) => { fs.unlink(p, cb) },
   readdirSync: (p) => fs.readdirSync(p),
   mkdirSync: fs.mkdirSync
 }

@@ -440,14 +440,19 @@ export class SegmentLog {
 
   // Delete segments whose every record is at or below snapshotIndex.
   compact (snapshotIndex: number): number {
-    let removed = 0
-    while (this.segments.length > 1 && this.segments[1].firstIndex <= snapshotIndex + 1) {
-      this.files.unlinkSync(this.segments[0].file)
-      this.segments.shift()
-      removed++
-    }
-    if (removed > 0) fsyncDir(this.files, this.dir)
-    return removed
+    const covered = this.dropCovered(snapshotIndex)
+    for (const file of covered) this.files.unlinkSync(file)
+    if (covered.length > 0) fsyncDir(this.files, this.dir)
+    return covered.length
+  }
+
+  // The same, leaving the files to the caller: the log forgets the segments whose every record
+  // is at or below snapshotIndex and returns their files, for the caller to delete. Recovery
+  // skips such a segment if it is still there (a crash before its deletion).
+  dropCovered (snapshotIndex: number): string[] {
+    const covered: string[] = []
+    while (this.segments.length > 1 && this.segments[1].firstIndex <= snapshotIndex + 1) covered.push(this.segments.shift()!.file)
+    return covered
   }
 
   close (): void {

@@ -107,12 +107,13 @@ export function writeSnapshot (files: FileOps, dir: string, index: number, chunk
 }
 
 // The same, written a slice at a time across turns of the event loop, with the fsync off the
-// loop, so a large state does not stall the server: a slice ends after 4 MiB or after 2 ms of
+// loop, so a large state does not stall the server: a slice ends after 1 MiB or after 1 ms of
 // making and encoding chunks, whichever comes first (slices of 4 MiB alone made pauses of 30 to
-// 100 ms here). `chunks` must come from a copy that does not change meanwhile. `cancelled` is
+// 100 ms here; of 4 MiB or 2 ms, one turn of the loop in ten took over 2.7 ms while a snapshot of
+// 300,000 messages was written, against 1.7 ms now). `chunks` must come from a copy that does not change meanwhile. `cancelled` is
 // asked before each slice; a cancelled or failed write removes its temporary file. `done` gets
 // the final path, or the error.
-export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: Iterable<object>, cancelled: () => boolean, done: (err: Error | null, file: string) => void, sliceBytes = 4 * 1024 * 1024, sliceMs = 2): void {
+export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: Iterable<object>, cancelled: () => boolean, done: (err: Error | null, file: string) => void, sliceBytes = 1024 * 1024, sliceMs = 1): void {
   const final = path.join(dir, snapshotName(index))
   const tmp = final + '.tmp'
   const slices = frameSlices(index, chunks, sliceBytes, sliceMs)
@@ -209,18 +210,20 @@ function * readChunks (buf: Buffer, file: string, index: number, packMessages: b
 
 // Remove snapshots older than `index` and temporary files left by a crash.
 export function removeOldSnapshots (files: FileOps, dir: string, index: number): void {
-  let removed = false
-  for (const s of listSnapshots(files, dir)) {
-    if (s.index < index) {
-      files.unlinkSync(s.file)
-      removed = true
+  const old = oldSnapshots(files, dir, index)
+  for (const f of old) {
+    try {
+      files.unlinkSync(f)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e // gone already: a background snapshot's deletion (store.ts)
     }
   }
-  for (const f of files.readdirSync(dir)) {
-    if (f.startsWith('snapshot-') && f.endsWith('.snap.tmp')) {
-      files.unlinkSync(path.join(dir, f))
-      removed = true
-    }
-  }
-  if (removed) fsyncDir(files, dir)
+  if (old.length > 0) fsyncDir(files, dir)
+}
+
+// The files removeOldSnapshots removes: snapshots older than `index`, and temporary files.
+export function oldSnapshots (files: FileOps, dir: string, index: number): string[] {
+  const old = listSnapshots(files, dir).filter(s => s.index < index).map(s => s.file)
+  for (const f of files.readdirSync(dir)) if (f.startsWith('snapshot-') && f.endsWith('.snap.tmp')) old.push(path.join(dir, f))
+  return old
 }

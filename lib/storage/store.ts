@@ -6,7 +6,7 @@ import type { LogRecord, PackedSendRecord } from '../records.ts'
 import { unpackSend } from './framing.ts'
 import { ChecksumRecheck } from './checksums.ts'
 import { SegmentLog, type Warn } from './log.ts'
-import { writeSnapshot, writeSnapshotInSlices, openNewestSnapshot, removeOldSnapshots } from './snapshot.ts'
+import { writeSnapshot, writeSnapshotInSlices, openNewestSnapshot, removeOldSnapshots, oldSnapshots } from './snapshot.ts'
 import { type FileOps, realFiles, makeDirs } from './files.ts'
 import { checkFormat } from './format.ts'
 import { limits } from '../limits.ts'
@@ -184,13 +184,35 @@ export class Store {
         return
       }
       if (index <= this.snapshotIndex) return
-      try {
-        this.snapshotIndex = index
-        this.dropCovered(index, file, started)
-      } catch (e) {
-        this.warn('removing what the snapshot covers failed; the next snapshot retries', { error: String(e) })
-      }
+      this.snapshotIndex = index
+      this.deleteCovered(run, index, file, started)
     })
+  }
+
+  // The background snapshot at `index` (file) is in place: delete the log segments and the older
+  // snapshots it covers off the event loop (deleting a file of tens of megabytes took 12 ms here),
+  // then say so. No next snapshot starts until they are gone. A file left by a crash meanwhile is
+  // covered by the snapshot: recovery skips it, and the next snapshot deletes it.
+  private deleteCovered (run: { cancelled: boolean }, index: number, file: string, started: number): void {
+    let covered: string[]
+    try {
+      covered = [...this.log.dropCovered(index), ...oldSnapshots(this.files, this.dir, index)]
+    } catch (e) {
+      this.warn('removing what the snapshot covers failed; the next snapshot retries', { error: String(e) })
+      return
+    }
+    this.writing = run
+    let left = covered.length + 1
+    let failure: unknown = null
+    const one = (err: NodeJS.ErrnoException | null): void => {
+      if (err !== null && err.code !== 'ENOENT') failure ??= err
+      if (--left > 0) return
+      if (this.writing === run) this.writing = null
+      if (failure !== null) this.warn('removing what the snapshot covers failed; a later snapshot removes what is left, or the first after a restart', { error: String(failure) })
+      else this.info('snapshot written', { file, index, ms: Date.now() - started, segmentsRemoved: covered.filter(f => f.endsWith('.wal')).length })
+    }
+    for (const f of covered) this.files.unlink(f, one)
+    one(null)
   }
 
   // The snapshot at `index` (file) is in place: delete the log segments and the older snapshots
