@@ -902,10 +902,14 @@ async function restartPart (records: number, runs: number): Promise<{ cases: Res
     notes.push(`snapshot: ${snap}, ${f1(fs.statSync(path.join(dir, snap)).size / 2 ** 20)} MiB, made by the server itself (--snapshot-every-records 1, one login + one send after the replay; writing it took the server ${snapMs} ms; whole step ${f1((Date.now() - t1) / 1000)} s); log files left: ${files.filter(f => f.endsWith('.wal')).join(', ')}`)
     const b = await timeRestarts(`(b) snapshot of the same state (+1 record)`, dir, [], runs)
 
-    // (d) The most a restart replays under the default policy: the snapshot plus a log of one
-    // record short of --snapshot-every-records (default 100,000), written into the empty segment
-    // the snapshot left, from the next index on.
-    const tail = Math.min(limits.snapshotEveryRecords - 1, records)
+    // (d) The most a restart replays under the default policy: the snapshot plus the longest log
+    // after it that does not make the next one due, written into the empty segment the snapshot
+    // left, from the next index on. That is one record short of --snapshot-every-records (default
+    // 100,000), or of --snapshot-growth-percent of the snapshot's size (default 50%) in log bytes,
+    // whichever is longer; the bytes per record as in the log of (a).
+    const snapBytes = fs.statSync(path.join(dir, snap)).size
+    const byGrowth = Math.ceil(limits.snapshotGrowthPercent / 100 * snapBytes / (logBytes / records)) - 1
+    const tail = Math.min(Math.max(limits.snapshotEveryRecords - 1, byGrowth), records)
     const snapIndex = Number(/^snapshot-(\d{20})\.snap$/.exec(snap)![1])
     buildLog(dir, tail, users, snapIndex + 1)
     const d = await timeRestarts(`(d) snapshot + ${int(tail)}-record log (the default policy's worst case)`, dir, [], runs)

@@ -13,6 +13,7 @@ export interface Config {
   readonly data: string | null // null: ./data/<the port actually bound>
   readonly snapshotEveryRecords: number
   readonly snapshotEveryBytes: number
+  readonly snapshotGrowthPercent: number
   readonly segmentBytes: number
   readonly lineBytesMax: number
   readonly quotaBytes: number // sends and registrations are refused once the state holds this much
@@ -59,6 +60,9 @@ export const usage = `usage: chainchat-server --port <n> [options]
   --data <dir>                 data directory (default ./data/<port>)
   --snapshot-every-records <n> take a snapshot after this many log records (default ${limits.snapshotEveryRecords})
   --snapshot-every-bytes <n>   ... or after this many log bytes (default ${limits.snapshotEveryBytes})
+  --snapshot-growth-percent <n>
+                               ... and once the log since the last snapshot comes to this many
+                               percent of that snapshot's size (default ${limits.snapshotGrowthPercent}; 0: no such bound)
   --segment-bytes <n>          start a new log segment once one holds this many bytes (default ${limits.logSegmentBytes})
   --line-bytes-max <n>         longest request line accepted (default ${limits.lineBytesMax})
   --quota-mb <n>               refuse sends and registrations once the state holds this many
@@ -100,6 +104,7 @@ export function parseConfig (argv: string[]): Config | 'help' {
         data: { type: 'string' },
         'snapshot-every-records': { type: 'string' },
         'snapshot-every-bytes': { type: 'string' },
+        'snapshot-growth-percent': { type: 'string' },
         'segment-bytes': { type: 'string' },
         'line-bytes-max': { type: 'string' },
         'quota-mb': { type: 'string' },
@@ -157,6 +162,7 @@ export function parseConfig (argv: string[]): Config | 'help' {
     data: values.data === undefined ? null : path.resolve(values.data),
     snapshotEveryRecords: integer('snapshot-every-records', values['snapshot-every-records'], 1, Number.MAX_SAFE_INTEGER, limits.snapshotEveryRecords),
     snapshotEveryBytes: integer('snapshot-every-bytes', values['snapshot-every-bytes'], 1, Number.MAX_SAFE_INTEGER, limits.snapshotEveryBytes),
+    snapshotGrowthPercent: integer('snapshot-growth-percent', values['snapshot-growth-percent'], 0, 1_000_000, limits.snapshotGrowthPercent),
     // At most 1 GiB: recovery reads a segment into memory whole, and a read returns at most 2 GiB.
     segmentBytes: integer('segment-bytes', values['segment-bytes'], 1024, 1024 * 1024 * 1024, limits.logSegmentBytes),
     lineBytesMax: integer('line-bytes-max', values['line-bytes-max'], 1024, 16 * 1024 * 1024, limits.lineBytesMax),

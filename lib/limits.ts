@@ -40,6 +40,10 @@ export const limits = {
   snapshotFrameBytesMax: 64 * 1024 * 1024,
   snapshotEveryRecords: 100_000,
   snapshotEveryBytes: 64 * 1024 * 1024,
+  // ... and not before the log since the last snapshot comes to this share of its size, so that
+  // writing snapshots costs a bounded share of the work however big the state grows (see
+  // Store.maybeSnapshot)
+  snapshotGrowthPercent: 50,
   // a log segment is closed and a new one started once it holds this much, snapshot or not, so
   // that no segment outgrows what recovery reads into memory at once (see storage/log.ts)
   logSegmentBytes: 64 * 1024 * 1024,

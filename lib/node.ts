@@ -77,6 +77,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       info: (msg, f) => log('info', msg, f),
       snapshotEveryRecords: config.snapshotEveryRecords,
       snapshotEveryBytes: config.snapshotEveryBytes,
+      snapshotGrowthPercent: config.snapshotGrowthPercent,
       segmentBytes: config.segmentBytes,
       backgroundSnapshots: true,
       preallocateBytes: limits.logPreallocateBytes

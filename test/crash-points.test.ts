@@ -15,7 +15,7 @@ const points: Array<[string, number, string[]]> = [
   ['after-append-before-fsync', 1, []],
   ['after-fsync-before-forward', 1, []],
   ['before-reply', 0, []],
-  ['mid-snapshot', 2, ['--snapshot-every-records', '150']]
+  ['mid-snapshot', 2, ['--snapshot-every-records', '150', '--snapshot-growth-percent', '0']]
 ]
 
 for (const [point, victim, args] of points) {

@@ -43,6 +43,12 @@ t.test('the executable: readiness line, flags, signals', async t => {
     t.equal(badSegment.code, 2, `--segment-bytes ${v} exits 2`)
     t.match(badSegment.stderr, /--segment-bytes/, 'naming the flag')
   }
+  t.match(help.stdout, /--snapshot-growth-percent <n>.*\(default 50; 0: no such bound\)/s)
+  for (const v of ['-1', '1.5', 'x']) {
+    const badGrowth = await runServer(['--port', '0', '--snapshot-growth-percent', v])
+    t.equal(badGrowth.code, 2, `--snapshot-growth-percent ${v} exits 2`)
+    t.match(badGrowth.stderr, /--snapshot-growth-percent/, 'naming the flag')
+  }
   t.match(help.stdout, /--quota-mb <n> .*\(default \d+: a quarter of/s, 'the default quota is told')
   for (const v of ['0', '-5', '1.5']) {
     const badQuota = await runServer(['--port', '0', '--quota-mb', v])
@@ -76,11 +82,11 @@ t.test('the executable: readiness line, flags, signals', async t => {
   afterKill.kill('SIGINT')
   t.equal((await afterKill.exited).code, 0, 'SIGINT also stops cleanly')
 
-  t.equal(fs.readFileSync(`${data}/FORMAT`, 'utf8'), 'chainchat data format 2\n', 'the directory is marked with its format')
-  fs.writeFileSync(`${data}/FORMAT`, 'chainchat data format 3\n')
+  t.equal(fs.readFileSync(`${data}/FORMAT`, 'utf8'), 'chainchat data format 3\n', 'the directory is marked with its format')
+  fs.writeFileSync(`${data}/FORMAT`, 'chainchat data format 4\n')
   const newer = await runServer(['--port', '0', '--data', data])
   t.equal(newer.code, 1, 'a directory in a newer format: exits non-zero')
-  t.match(newer.stderr, /format 3, and this server knows formats up to 2: it was written by a newer version; refusing to start/)
+  t.match(newer.stderr, /format 4, and this server knows formats up to 3: it was written by a newer version; refusing to start/)
   t.notMatch(newer.stderr, /\bat .*\.ts:\d+/, 'no stack trace')
 })
 

@@ -34,7 +34,7 @@ function writeFrames (file: string, values: object[]): void {
 t.test('writeSnapshot lays out head, chunks, end, and leaves no temporary file', async t => {
   const dir = tempDir(t, 'snap')
   const ff = faultyFiles()
-  const file = writeSnapshot(ff.files, dir, 7, chunks)
+  const file = writeSnapshot(ff.files, dir, 7, chunks).file
   t.equal(file, path.join(dir, snapName(7)))
   t.same(fs.readdirSync(dir), [snapName(7)])
   const buf = fs.readFileSync(file)
@@ -47,19 +47,20 @@ t.test('writeSnapshot lays out head, chunks, end, and leaves no temporary file',
 
 t.test('write then load: the same chunks come back', async t => {
   const dir = tempDir(t, 'snap')
-  const file = writeSnapshot(realFiles, dir, 7, chunks)
+  const file = writeSnapshot(realFiles, dir, 7, chunks).file
   t.same(loadNewestSnapshot(realFiles, dir), { index: 7, file, chunks })
 })
 
 t.test('a snapshot with no chunks, and one larger than the write buffer, round trip', async t => {
   const dir = tempDir(t, 'snap')
-  const empty = writeSnapshot(realFiles, dir, 1, [])
+  const { file: empty, bytes } = writeSnapshot(realFiles, dir, 1, [])
   t.equal(fs.statSync(empty).size, encodeFrame({ kind: 'head', index: 1 }).length + encodeFrame({ kind: 'end', index: 1 }).length)
+  t.equal(bytes, fs.statSync(empty).size, 'its size, as returned')
   t.same(loadNewestSnapshot(realFiles, dir), { index: 1, file: empty, chunks: [] })
 
   const big = Array.from({ length: 80 }, (_, k) => ({ kind: 'account', k, pad: String(k % 10).repeat(30_000) })) // 2.4 MB in all
   const ff = faultyFiles()
-  const file = writeSnapshot(ff.files, dir, 2, big)
+  const file = writeSnapshot(ff.files, dir, 2, big).file
   t.ok(ff.calls.writeSync >= 3, `written in several flushes (${ff.calls.writeSync})`)
   t.ok(fs.statSync(file).size > 2_400_000)
   const loaded = loadNewestSnapshot(realFiles, dir)
@@ -89,7 +90,7 @@ t.test('the newest snapshot is loaded; older ones and temporary files are ignore
 
 t.test('a flipped byte in any frame: CorruptSnapshotError naming the file and the frame', async t => {
   const dir = tempDir(t, 'snap')
-  const file = writeSnapshot(realFiles, dir, 7, chunks)
+  const file = writeSnapshot(realFiles, dir, 7, chunks).file
   const good = fs.readFileSync(file)
   const spans = frameSpans(good)
   t.equal(spans.length, chunks.length + 2)
@@ -104,7 +105,7 @@ t.test('a flipped byte in any frame: CorruptSnapshotError naming the file and th
 
 t.test('a snapshot cut short at any frame boundary or inside a frame is corrupt', async t => {
   const dir = tempDir(t, 'snap')
-  const file = writeSnapshot(realFiles, dir, 7, chunks)
+  const file = writeSnapshot(realFiles, dir, 7, chunks).file
   const good = fs.readFileSync(file)
   const spans = frameSpans(good)
   for (const { start, end } of spans) {
@@ -167,7 +168,7 @@ t.test('removeOldSnapshots keeps the given one and newer, drops older ones and t
 
 t.test('a failed snapshot write leaves no file behind and the previous snapshot intact', async t => {
   const dir = tempDir(t, 'snap')
-  const prev = writeSnapshot(realFiles, dir, 3, [{ kind: 'x', n: 3 }])
+  const prev = writeSnapshot(realFiles, dir, 3, [{ kind: 'x', n: 3 }]).file
   const prevBytes = fs.readFileSync(prev)
   const faults: Array<[string, (ff: ReturnType<typeof faultyFiles>) => void]> = [
     ['ENOSPC on the first write', ff => { ff.hooks.writeSync = () => { throw errnoError('ENOSPC') } }],
@@ -214,7 +215,7 @@ t.test('if the temporary file cannot be removed either, the write error is still
 t.test('a stale temporary file of the same index is overwritten, not appended to', async t => {
   const dir = tempDir(t, 'snap')
   fs.writeFileSync(path.join(dir, snapName(4) + '.tmp'), Buffer.alloc(10_000, 0x61))
-  const file = writeSnapshot(realFiles, dir, 4, [{ kind: 'x' }])
+  const file = writeSnapshot(realFiles, dir, 4, [{ kind: 'x' }]).file
   t.equal(fs.statSync(file).size, [{ kind: 'head', index: 4 }, { kind: 'x' }, { kind: 'end', index: 4 }].reduce((s, v) => s + encodeFrame(v).length, 0))
   t.same(fs.readdirSync(dir), [snapName(4)])
 })
@@ -233,7 +234,7 @@ t.test('a state with big texts: chunks are cut to recordBytesMax, the state come
   for (let k = 0; k < 700; k++) apply({ op: 'send', from: 'a', to: 'b', text: `${k} ${big}`, rk: `a\u0000s${k}` })
   apply({ op: 'read', user: 'b', limit: 400, rk: 'b\u0000read' }) // a stored reply of about 1.6 MB
   const dir = tempDir(t, 'snap')
-  const file = writeSnapshot(realFiles, dir, st.index, st.snapshotChunks())
+  const file = writeSnapshot(realFiles, dir, st.index, st.snapshotChunks()).file
   const buf = fs.readFileSync(file)
   const sizes: number[] = []
   for (let off = 0; off < buf.length;) {

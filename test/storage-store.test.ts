@@ -15,10 +15,12 @@ const snapName = (index: number): string => `snapshot-${String(index).padStart(2
 
 interface Logged { msg: string, fields?: Record<string, unknown> }
 
+// Snapshots by count (or bytes) alone, unless a test says otherwise: the records here are few and
+// small, and the growth bound (snapshotGrowthPercent) has a test of its own.
 function openStore (opts: StoreOptions): { store: Store, warnings: Logged[], infos: Logged[] } {
   const warnings: Logged[] = []
   const infos: Logged[] = []
-  const store = new Store({ warn: (msg, fields) => { warnings.push({ msg, fields }) }, info: (msg, fields) => { infos.push({ msg, fields }) }, ...opts })
+  const store = new Store({ warn: (msg, fields) => { warnings.push({ msg, fields }) }, info: (msg, fields) => { infos.push({ msg, fields }) }, snapshotGrowthPercent: 0, ...opts })
   return { store, warnings, infos }
 }
 
@@ -114,7 +116,7 @@ t.test('a snapshot is also taken when enough bytes have been logged', async t =>
 
 t.test('a store without log hooks: torn tail reported in the result, snapshots taken quietly', async t => {
   const dir = tempDir(t, 'store')
-  const store = new Store({ dir, snapshotEveryRecords: 4 })
+  const store = new Store({ dir, snapshotEveryRecords: 4, snapshotGrowthPercent: 0 })
   const { state } = store.recover()
   drive(store, state, 1, 6)
   store.close()
@@ -186,7 +188,7 @@ t.test('recovery when the snapshot covers the whole log, and a restart after tha
 t.test('a crash mid-snapshot: the partial temporary file is ignored and removed', async t => {
   const partialOf = (index: number): Buffer => {
     const scratch = tempDir(t, 'scratch')
-    const full = fs.readFileSync(writeSnapshot(realFiles, scratch, index, replayed(index).snapshotChunks()))
+    const full = fs.readFileSync(writeSnapshot(realFiles, scratch, index, replayed(index).snapshotChunks()).file)
     return full.subarray(0, full.length >> 1)
   }
 
@@ -351,6 +353,40 @@ t.test('a snapshot whose new log segment cannot be created leaves the log usable
 
 // Snapshots written a slice at a time (as the server takes them): the copy is made at once, the
 // log goes on meanwhile, and the covered segments go once the snapshot is in place.
+// The growth bound: a snapshot costs work in proportion to the whole state, so the next waits
+// until the log since the last comes to a share of that snapshot's size, however many records
+// that takes; then the cost of snapshots stays a bounded share of the cost of writing the log.
+t.test('snapshotGrowthPercent: the next snapshot waits until the log since the last comes to that share of its size, after a restart too', async t => {
+  const dir = tempDir(t, 'store')
+  const opts = { dir, snapshotEveryRecords: 10, snapshotGrowthPercent: 150 }
+  const { store, infos } = openStore(opts)
+  const { state } = store.recover()
+  drive(store, state, 1, 10)
+  t.same(infos.map(i => i.fields?.index), [10], 'the first at 10: there is no snapshot to measure against')
+  const size = (index: number): number => fs.statSync(path.join(dir, snapName(index))).size
+  // Where the next is due: 10 records on, and 1.5 times the snapshot's size in log bytes.
+  const dueAfter = (from: number, snapBytes: number): number => {
+    let bytes = 0
+    let i = from
+    while (i - from < 10 || bytes < 1.5 * snapBytes) bytes += encodeRecordFrame(record(++i)).length
+    return i
+  }
+  const next = dueAfter(10, size(10))
+  t.ok(next > 20, `later than the count alone would take it (${next})`)
+  drive(store, state, 11, next - 1)
+  t.same(infos.map(i => i.fields?.index), [10], `none up to ${next - 1}`)
+  drive(store, state, next, next)
+  t.same(infos.map(i => i.fields?.index), [10, next], `one at ${next}`)
+  store.close()
+  // After a restart, the bound is measured against the snapshot found on disk.
+  const back = reopen(t, dir, { snapshotEveryRecords: 10, snapshotGrowthPercent: 150 })
+  const after = dueAfter(next, size(next))
+  drive(back.store, back.state, next + 1, after - 1)
+  t.same(listed(dir).filter(f => f.endsWith('.snap')), [snapName(next)], `none up to ${after - 1}`)
+  drive(back.store, back.state, after, after)
+  t.same(listed(dir).filter(f => f.endsWith('.snap')), [snapName(after)], `one at ${after}`)
+})
+
 t.test('background snapshots: written in slices while the log goes on, then the covered log is dropped', async t => {
   const dir = tempDir(t, 'store')
   const { store, infos, warnings } = openStore({ dir, snapshotEveryRecords: 10, backgroundSnapshots: true })

@@ -5,6 +5,7 @@
 //
 //   1  every record and snapshot chunk is JSON; directories from before FORMAT existed
 //   2  sends in the log and mailboxes in snapshots are binary (see framing.ts)
+//   3  the exactly-once table in snapshots is binary too (rids chunks)
 //
 // A directory in an older format is read as it is (the decoders still read every older layout)
 // and marked with the current format before anything new is written to it.
@@ -12,7 +13,7 @@
 import path from 'node:path'
 import { type FileOps, replaceFileDurably } from './files.ts'
 
-export const dataFormat = 2
+export const dataFormat = 3
 
 const fileName = 'FORMAT'
 const pattern = /^chainchat data format (\d+)\n$/

@@ -86,14 +86,16 @@ function putInPlace (files: FileOps, dir: string, tmp: string, final: string): v
 }
 
 // Durably write the snapshot for `index`. Returns its path once it is safely in place.
-export function writeSnapshot (files: FileOps, dir: string, index: number, chunks: Iterable<object>): string {
+export function writeSnapshot (files: FileOps, dir: string, index: number, chunks: Iterable<object>): { file: string, bytes: number } {
   const final = path.join(dir, snapshotName(index))
   const tmp = final + '.tmp'
   const fd = files.openSync(tmp, 'w')
+  let bytes = 0
   try {
     let first = true
     for (const slice of frameSlices(index, chunks, flushBytes)) {
       writeSlice(files, fd, slice, first)
+      bytes += slice.length
       first = false
     }
     files.fsyncSync(fd)
@@ -103,7 +105,7 @@ export function writeSnapshot (files: FileOps, dir: string, index: number, chunk
   }
   files.closeSync(fd)
   putInPlace(files, dir, tmp, final)
-  return final
+  return { file: final, bytes }
 }
 
 // The same, written a slice at a time across turns of the event loop, with the fsync off the
@@ -113,15 +115,16 @@ export function writeSnapshot (files: FileOps, dir: string, index: number, chunk
 // 300,000 messages was written, against 1.7 ms now). `chunks` must come from a copy that does not change meanwhile. `cancelled` is
 // asked before each slice; a cancelled or failed write removes its temporary file. `done` gets
 // the final path, or the error.
-export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: Iterable<object>, cancelled: () => boolean, done: (err: Error | null, file: string) => void, sliceBytes = 1024 * 1024, sliceMs = 1): void {
+export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: Iterable<object>, cancelled: () => boolean, done: (err: Error | null, file: string, bytes: number) => void, sliceBytes = 1024 * 1024, sliceMs = 1): void {
   const final = path.join(dir, snapshotName(index))
   const tmp = final + '.tmp'
   const slices = frameSlices(index, chunks, sliceBytes, sliceMs)
   let fd = -1
+  let bytes = 0
   let first = true
   const fail = (e: unknown): void => {
     discard(files, fd, tmp)
-    done(e instanceof Error ? e : new Error(String(e)), final)
+    done(e instanceof Error ? e : new Error(String(e)), final, bytes)
   }
   const step = (): void => {
     if (cancelled()) {
@@ -133,6 +136,7 @@ export function writeSnapshotInSlices (files: FileOps, dir: string, index: numbe
       const next = slices.next()
       if (!next.done) {
         writeSlice(files, fd, next.value, first)
+        bytes += next.value.length
         first = false
         setImmediate(step)
         return
@@ -155,7 +159,7 @@ export function writeSnapshotInSlices (files: FileOps, dir: string, index: numbe
         fail(e)
         return
       }
-      done(null, final)
+      done(null, final, bytes)
     })
   }
   step()
@@ -173,7 +177,7 @@ function listSnapshots (files: FileOps, dir: string): Array<{ index: number, fil
 // one is damaged: an older snapshot cannot stand in for it, since the log it needs is compacted.
 export function loadNewestSnapshot (files: FileOps, dir: string): LoadedSnapshot | null {
   const snap = openNewestSnapshot(files, dir)
-  return snap && { ...snap, chunks: [...snap.chunks] }
+  return snap && { index: snap.index, file: snap.file, chunks: [...snap.chunks] }
 }
 
 // The newest snapshot with its chunks as a stream, decoded one at a time as the caller asks for
@@ -182,11 +186,12 @@ export function loadNewestSnapshot (files: FileOps, dir: string): LoadedSnapshot
 // (a missing end): the caller must consume it whole before trusting what it built.
 // With packMessages, binary messages chunks come checked but packed (see framing.ts), for
 // ChatState.fromSnapshotChunks to decode each mailbox when it is first used.
-export function openNewestSnapshot (files: FileOps, dir: string, packMessages = false): { index: number, file: string, chunks: Generator<Record<string, unknown>> } | null {
+export function openNewestSnapshot (files: FileOps, dir: string, packMessages = false): { index: number, file: string, bytes: number, chunks: Generator<Record<string, unknown>> } | null {
   const all = listSnapshots(files, dir)
   if (all.length === 0) return null
   const { index, file } = all[all.length - 1]
-  return { index, file, chunks: readChunks(files.readFileSync(file), file, index, packMessages) }
+  const buf = files.readFileSync(file)
+  return { index, file, bytes: buf.length, chunks: readChunks(buf, file, index, packMessages) }
 }
 
 function * readChunks (buf: Buffer, file: string, index: number, packMessages: boolean): Generator<Record<string, unknown>> {

@@ -19,6 +19,9 @@ export interface StoreOptions {
   info?: Warn
   snapshotEveryRecords?: number
   snapshotEveryBytes?: number
+  // ... but only once the log written since the last snapshot comes to this many percent of that
+  // snapshot's size (see maybeSnapshot); default limits.snapshotGrowthPercent, 0 for no such bound
+  snapshotGrowthPercent?: number
   // Write the snapshots maybeSnapshot takes a slice at a time, between other work (the server
   // does); otherwise it writes them at once (simpler to test).
   backgroundSnapshots?: boolean
@@ -55,6 +58,8 @@ export class Store {
   private readonly info: Warn
   private readonly everyRecords: number
   private readonly everyBytes: number
+  private readonly growth: number // snapshotGrowthPercent / 100
+  private snapshotBytes = 0 // the size of the last snapshot
   private snapshotIndex = 0
   private bytesSinceSnapshot = 0
   private retryAfterIndex = 0 // after a failed snapshot, wait a full interval before the next try
@@ -70,6 +75,7 @@ export class Store {
     this.info = opts.info ?? (() => {})
     this.everyRecords = opts.snapshotEveryRecords ?? limits.snapshotEveryRecords
     this.everyBytes = opts.snapshotEveryBytes ?? limits.snapshotEveryBytes
+    this.growth = (opts.snapshotGrowthPercent ?? limits.snapshotGrowthPercent) / 100
     this.background = opts.backgroundSnapshots ?? false
     this.warmSliceMs = opts.warmSliceMs ?? 2
     this.parallelChecksumBytes = opts.parallelChecksumBytes ?? limits.parallelChecksumBytes
@@ -97,6 +103,7 @@ export class Store {
     const snap = openNewestSnapshot(this.files, this.dir, true)
     const state = snap ? ChatState.fromSnapshotChunks(snap.chunks) : new ChatState()
     this.snapshotIndex = state.index
+    this.snapshotBytes = snap?.bytes ?? 0
     let replayed = 0
     const unapplied: LogRecord[] = []
     // Sends come with their text still in the log's buffer, and most stay packed in the state
@@ -118,7 +125,7 @@ export class Store {
   installSnapshot (chunks: Array<Record<string, unknown>>): ChatState {
     this.cancelBackground()
     const state = ChatState.fromSnapshotChunks(chunks)
-    writeSnapshot(this.files, this.dir, state.index, state.snapshotChunks())
+    this.snapshotBytes = writeSnapshot(this.files, this.dir, state.index, state.snapshotChunks()).bytes
     this.snapshotIndex = state.index
     this.log.resetTo(state.index)
     this.bytesSinceSnapshot = 0
@@ -151,6 +158,7 @@ export class Store {
   maybeSnapshot (state: ChatState): void {
     if (this.writing) return
     if (state.index - this.snapshotIndex < this.everyRecords && this.bytesSinceSnapshot < this.everyBytes) return
+    if (this.bytesSinceSnapshot < this.growth * this.snapshotBytes) return
     if (state.index < this.retryAfterIndex) return
     if (this.background && state.warmSome(this.warmSliceMs)) return
     if (this.background) this.snapshotInSlices(state)
@@ -176,7 +184,7 @@ export class Store {
     this.bytesSinceSnapshot = 0
     const run = { cancelled: false }
     this.writing = run
-    writeSnapshotInSlices(this.files, this.dir, index, chunks, () => run.cancelled, (err, file) => {
+    writeSnapshotInSlices(this.files, this.dir, index, chunks, () => run.cancelled, (err, file, bytes) => {
       if (this.writing === run) this.writing = null
       if (run.cancelled) return
       if (err) {
@@ -185,6 +193,7 @@ export class Store {
       }
       if (index <= this.snapshotIndex) return
       this.snapshotIndex = index
+      this.snapshotBytes = bytes
       this.deleteCovered(run, index, file, started)
     })
   }
@@ -238,8 +247,9 @@ export class Store {
     this.cancelBackground()
     const started = Date.now()
     try {
-      const file = writeSnapshot(this.files, this.dir, state.index, state.snapshotChunks())
+      const { file, bytes } = writeSnapshot(this.files, this.dir, state.index, state.snapshotChunks())
       this.snapshotIndex = state.index
+      this.snapshotBytes = bytes
       this.log.roll()
       this.bytesSinceSnapshot = 0
       this.dropCovered(state.index, file, started)
