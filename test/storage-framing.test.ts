@@ -352,3 +352,43 @@ t.test('validFrameAfter finds a rids chunk frame', async t => {
   const b = encodeChunkFrame({ kind: 'rids', entries: rids })
   t.equal(validFrameAfter(Buffer.concat([a, Buffer.from('junk'), b]), 0), true)
 })
+
+// ---- binary read marks (the log) -------------------------------------------------------------
+
+const marks: LogRecord[] = [
+  { op: 'mark_read', user: 'alice', ids: [7], i: 8, e: 2, ts: 1_700_000_000_123 },
+  { op: 'mark_read', user: 'z\u{1f600}', ids: [1, 2 ** 52, Number.MAX_SAFE_INTEGER, 1], i: Number.MAX_SAFE_INTEGER, e: 2 ** 40, ts: 0 },
+  { op: 'mark_read', user: '', ids: [], i: 1, e: 0, ts: 2 ** 52 + 1 }
+]
+
+t.test('read marks are binary and decode to the record; one with an rk, or ids that are not all numbers, stays JSON', async t => {
+  for (const r of marks) {
+    const f = encodeRecordFrame(r)
+    t.equal(f[frameHeaderBytes], 0x04, 'the binary tag')
+    t.ok(f.length < encodeFrame(r).length, 'smaller than the JSON')
+    t.same(decodeFrame(f, 0), { kind: 'ok', value: r, next: f.length })
+  }
+  const withRk = { ...marks[0], rk: 'alice\u0000r1' } as LogRecord
+  t.same(encodeRecordFrame(withRk), encodeFrame(withRk))
+  const odd = { ...marks[0], ids: [1, '2'] } as unknown as LogRecord
+  t.same(encodeRecordFrame(odd), encodeFrame(odd))
+  t.throws(() => encodeRecordFrame({ ...marks[0], user: 'x'.repeat(0x10000) } as LogRecord), RangeError)
+})
+
+t.test('a binary read mark that is not well formed is bad, even with a good checksum; every truncation is short', async t => {
+  const f = encodeRecordFrame(marks[1])
+  for (let cut = 0; cut < f.length; cut++) t.same(decodeFrame(f.subarray(0, cut), 0), { kind: 'short' }, `cut at ${cut}`)
+  const payload = f.subarray(frameHeaderBytes)
+  const edited = (edit: (p: Buffer) => void): Buffer => { const p = Buffer.from(payload); edit(p); return p }
+  const cases: Array<[string, Buffer]> = [
+    ['the tag alone', Buffer.from([0x04])],
+    ['a head cut short', payload.subarray(0, 30)],
+    ['the user cut short', payload.subarray(0, payload.length - 1)],
+    ['a byte too many', Buffer.concat([payload, Buffer.from('x')])],
+    ['a count of one more', edited(p => p.writeUInt32LE(5, 27))],
+    ['a count beyond everything', edited(p => p.writeUInt32LE(0xffffffff, 27))],
+    ['a user length one more', edited(p => p.writeUInt16LE(p.readUInt16LE(25) + 1, 25))]
+  ]
+  for (const [what, p] of cases) t.same(decodeFrame(rawFrame(p), 0), { kind: 'bad', why: 'malformed read mark' }, what)
+  t.equal(validFrameAfter(Buffer.concat([Buffer.from('junk'), f]), 0), true, 'validFrameAfter finds one')
+})

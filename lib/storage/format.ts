@@ -5,7 +5,7 @@
 //
 //   1  every record and snapshot chunk is JSON; directories from before FORMAT existed
 //   2  sends in the log and mailboxes in snapshots are binary (see framing.ts)
-//   3  the exactly-once table in snapshots is binary too (rids chunks)
+//   3  the exactly-once table in snapshots, and read marks in the log, are binary too
 //
 // A directory in an older format is read as it is (the decoders still read every older layout)
 // and marked with the current format before anything new is written to it.

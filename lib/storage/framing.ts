@@ -4,12 +4,12 @@
 //                                snapshotFrameBytesMax in a snapshot)
 //   offset 4: u32 little-endian  CRC-32 (zlib polynomial) of the payload
 //   offset 8: payload            a UTF-8 JSON object (first byte '{'), a binary send record
-//                                (first byte 0x01), or a binary messages (0x02) or rids
-//                                (0x03) chunk, below
+//                                (first byte 0x01) or read mark (0x04), or a binary messages
+//                                (0x02) or rids (0x03) chunk, below
 //
 // A frame is valid only if its length is in range, it lies wholly inside the file, its CRC
-// matches, and its payload parses as a JSON object or is well-formed binary (a send record, or a
-// snapshot's messages or rids chunk).
+// matches, and its payload parses as a JSON object or is well-formed binary (a send record or a
+// read mark, or a snapshot's messages or rids chunk).
 //
 // Sends are most of any log, and parsing them as JSON was the largest single cost of replaying
 // one, so the log writes them in binary (encodeRecordFrame): decoding one is a few reads at fixed
@@ -24,6 +24,15 @@
 //   offset 29: u16  bytes of rk, plus one (0: the record has no rk)
 //   offset 31: u32  bytes of text
 //   offset 35: from, to, rk, text, back to back, filling the rest of the payload exactly
+//
+// A read mark (mark_read, written when a push has been taken; one follows most sends to a
+// recipient who is online) is binary too, as long as it carries no rk:
+//
+//   offset  0: u8   0x04
+//   offset  1: f64  i, then f64 e at 9, f64 ts at 17
+//   offset 25: u16  bytes of user
+//   offset 27: u32  number of ids
+//   offset 31: f64  each id, then the user, filling the rest of the payload exactly
 //
 // Every other record is JSON. A log may mix both kinds (a log written before sends were binary
 // reads as it always did).
@@ -56,7 +65,7 @@
 
 import zlib from 'node:zlib'
 import { limits } from '../limits.ts'
-import type { LogRecord, PackedSendRecord, SendRecord } from '../records.ts'
+import type { LogRecord, MarkReadRecord, PackedSendRecord, SendRecord } from '../records.ts'
 import type { Message, Reply, SnapshotMessage } from '../state.ts'
 
 export const frameHeaderBytes = 8
@@ -86,12 +95,15 @@ const sendHeadBytes = 35
 const messagesTag = 0x02
 const messageHeadBytes = 23
 const ridsTag = 0x03
+const markTag = 0x04
+const markHeadBytes = 31
 const ridHeadBytes = 35
 // A messages chunk's payload before its messages: tag, name length, name, message count.
 const messagesChunkHeadBytes = (nameLen: number): number => 1 + 2 + nameLen + 4
 
-// A log record's frame: binary for a send, JSON for the rest.
+// A log record's frame: binary for a send and for a read mark without an rk, JSON for the rest.
 export function encodeRecordFrame (r: LogRecord): Buffer {
+  if (r.op === 'mark_read' && r.rk === undefined) return encodeMark(r)
   if (r.op !== 'send') return encodeFrame(r)
   const fromLen = Buffer.byteLength(r.from, 'utf8')
   const toLen = Buffer.byteLength(r.to, 'utf8')
@@ -114,6 +126,37 @@ export function encodeRecordFrame (r: LogRecord): Buffer {
   if (r.rk !== undefined) p += frame.write(r.rk, p, 'utf8')
   frame.write(r.text, p, 'utf8')
   return seal(frame)
+}
+
+function encodeMark (r: MarkReadRecord): Buffer {
+  const ids = r.ids
+  for (const id of ids) if (typeof id !== 'number') return encodeFrame(r)
+  const userLen = Buffer.byteLength(r.user, 'utf8')
+  if (userLen > 0xffff) throw new RangeError('a read mark\'s user must be under 64 KiB')
+  const frame = allocFrame(markHeadBytes + ids.length * 8 + userLen, limits.recordBytesMax)
+  const at = frameHeaderBytes
+  frame[at] = markTag
+  frame.writeDoubleLE(r.i, at + 1)
+  frame.writeDoubleLE(r.e, at + 9)
+  frame.writeDoubleLE(r.ts, at + 17)
+  frame.writeUInt16LE(userLen, at + 25)
+  frame.writeUInt32LE(ids.length, at + 27)
+  let p = at + markHeadBytes
+  for (const id of ids) p = frame.writeDoubleLE(id, p)
+  frame.write(r.user, p, 'utf8')
+  return seal(frame)
+}
+
+// The read mark in buf[start, end), or null if the lengths do not fill it exactly.
+function decodeMark (buf: Buffer, start: number, end: number): MarkReadRecord | null {
+  if (end - start < markHeadBytes) return null
+  const userLen = buf.readUInt16LE(start + 25)
+  const n = buf.readUInt32LE(start + 27)
+  if (start + markHeadBytes + n * 8 + userLen !== end) return null
+  const ids = new Array<number>(n)
+  let p = start + markHeadBytes
+  for (let k = 0; k < n; k++, p += 8) ids[k] = buf.readDoubleLE(p)
+  return { op: 'mark_read', user: utf8Slice.call(buf, p, end), ids, i: buf.readDoubleLE(start + 1), e: buf.readDoubleLE(start + 9), ts: buf.readDoubleLE(start + 17) }
 }
 
 // What buf.toString('utf8', start, end) calls once it has checked its arguments and looked up
@@ -406,6 +449,10 @@ export function decodeFrame (buf: Buffer, offset: number, max: number = limits.r
     const c = packMessages ? packedMessages(buf, start, end) : decodeMessages(buf, start, end)
     return c === null ? { kind: 'bad', why: 'malformed messages chunk' } : { kind: 'ok', value: c, next: end }
   }
+  if (buf[start] === markTag) {
+    const r = decodeMark(buf, start, end)
+    return r === null ? { kind: 'bad', why: 'malformed read mark' } : { kind: 'ok', value: r as unknown as Record<string, unknown>, next: end }
+  }
   if (buf[start] === ridsTag) {
     const c = decodeRids(buf, start, end)
     return c === null ? { kind: 'bad', why: 'malformed rids chunk' } : { kind: 'ok', value: c, next: end }
@@ -428,7 +475,7 @@ export function validFrameAfter (buf: Buffer, offset: number): boolean {
     if (len < 2 || len > limits.recordBytesMax || at + frameHeaderBytes + len > buf.length) continue
     // Cheap filter before the checksum: payloads are JSON objects or binary.
     const first = buf[at + frameHeaderBytes]
-    if (first === 0x7b ? buf[at + frameHeaderBytes + len - 1] !== 0x7d : first !== sendTag && first !== messagesTag && first !== ridsTag) continue
+    if (first === 0x7b ? buf[at + frameHeaderBytes + len - 1] !== 0x7d : first !== sendTag && first !== messagesTag && first !== ridsTag && first !== markTag) continue
     if (decodeFrame(buf, at).kind === 'ok') return true
   }
   return false
