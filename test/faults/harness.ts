@@ -17,7 +17,7 @@ export interface RunOptions {
   durationMs: number
   clients: number
   switchUser?: 'login' | 'reconnect' // see WorkloadOptions
-  snapshotEvery?: number // --snapshot-every-records for the servers (default: the server's own)
+  snapshotEvery?: number // --snapshot-every-records for the servers, with no growth bound (default: the server's own policy)
   quotaMb?: number // --quota-mb for the servers (default: the server's own)
   t: Teardown
   log?: (line: string) => void
@@ -73,7 +73,7 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
   log(`seed ${opts.seed}: ${schedule.length} faults scheduled over ${opts.durationMs / 1000} s, ${opts.clients} clients`)
 
   // DURABLE notes let the nemesis cut a killed member's log back as a power loss would.
-  const args = [...(opts.snapshotEvery ? ['--snapshot-every-records', String(opts.snapshotEvery)] : []), ...(opts.quotaMb ? ['--quota-mb', String(opts.quotaMb)] : [])]
+  const args = [...(opts.snapshotEvery ? ['--snapshot-every-records', String(opts.snapshotEvery), '--snapshot-growth-percent', '0'] : []), ...(opts.quotaMb ? ['--quota-mb', String(opts.quotaMb)] : [])]
   const chain = await Chain.create(opts.t, { args, env: { CHAINCHAT_TRACK_DURABLE: '1' } })
   await chain.startAll()
   await chain.waitConverged(3, 30_000)

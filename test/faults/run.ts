@@ -13,8 +13,9 @@
 //             how a client changes user: login again on the same connection (default), or
 //             close it and log in on a new one
 // --snapshot-every N
-//             the servers snapshot (and drop the log) every N records, so catching up from a
-//             snapshot is part of the run (default: the server's default, 100,000)
+//             the servers snapshot (and drop the log) every N records, however big the state
+//             (--snapshot-growth-percent 0), so catching up from a snapshot is part of the run
+//             (default: the server's own policy, 100,000 records and the growth bound)
 // --quota-mb N
 //             the servers' quota (default: theirs); a small one keeps the state at its quota,
 //             so that sends refused with STORE_FULL are part of the run
