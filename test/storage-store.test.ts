@@ -4,10 +4,11 @@ import path from 'node:path'
 import { Store, type StoreOptions } from '../lib/storage/store.ts'
 import { segmentName } from '../lib/storage/log.ts'
 import { CorruptSnapshotError, writeSnapshot } from '../lib/storage/snapshot.ts'
-import { encodeRecordFrame } from '../lib/storage/framing.ts'
+import { encodeRecordFrame, encodeFrame, encodeChunkFrame } from '../lib/storage/framing.ts'
 import { realFiles, makeDirs } from '../lib/storage/files.ts'
 import { DataFormatError, dataFormat } from '../lib/storage/format.ts'
 import { ChatState } from '../lib/state.ts'
+import { limits } from '../lib/limits.ts'
 import { tempDir, record, records, batch, frameSpans, flipByte, errnoError, thrown, faultyFiles, stateView } from './helpers/storage.ts'
 import { waitFor } from './helpers/spawn.ts'
 
@@ -542,4 +543,28 @@ t.test('makeDirs: creates missing parents, accepts a directory that exists, refu
   if (fs.existsSync('/proc/self')) t.match(thrown(() => makeDirs('/proc/chainchat-no-such/data')), { code: 'ENOENT' }, 'under /proc: ENOENT, at once')
   new Store({ dir: path.join(dir, 'x', 'y') }).close()
   t.ok(fs.statSync(path.join(dir, 'x', 'y')).isDirectory(), 'a store makes its directory')
+})
+
+// Format 2 wrote the exactly-once table into snapshots as JSON, and read marks into the log as
+// JSON: a directory written so recovers to the same state, and is marked with the current format.
+t.test('a format-2 directory (JSON exactly-once chunks in its snapshot, JSON read marks in its log) recovers as it was', async t => {
+  const dir = tempDir(t, 'store')
+  const snap = replayed(35)
+  const frames = [encodeFrame({ kind: 'head', index: 35 }, limits.snapshotFrameBytesMax)]
+  let ridChunks = 0
+  for (const c of snap.snapshotChunks()) {
+    if (c.kind === 'rids') ridChunks++
+    frames.push(c.kind === 'rids' ? encodeFrame(c, limits.snapshotFrameBytesMax) : encodeChunkFrame(c))
+  }
+  frames.push(encodeFrame({ kind: 'end', index: 35 }, limits.snapshotFrameBytesMax))
+  fs.writeFileSync(path.join(dir, snapName(35)), Buffer.concat(frames))
+  const tail = records(36, 60)
+  const marks = tail.filter(r => r.op === 'mark_read').length
+  fs.writeFileSync(path.join(dir, segmentName(36)), Buffer.concat(tail.map(r => r.op === 'mark_read' ? encodeFrame(r) : encodeRecordFrame(r))))
+  fs.writeFileSync(path.join(dir, 'FORMAT'), 'chainchat data format 2\n')
+  t.ok(ridChunks > 0 && marks > 0, `${ridChunks} JSON exactly-once chunk(s), ${marks} JSON read marks`)
+  const back = reopen(t, dir)
+  t.same({ snapshotIndex: back.snapshotIndex, replayed: back.replayed }, { snapshotIndex: 35, replayed: 25 })
+  t.same(stateView(back.state), stateView(replayed(60)))
+  t.equal(fs.readFileSync(path.join(dir, 'FORMAT'), 'utf8'), `chainchat data format ${dataFormat}\n`)
 })
