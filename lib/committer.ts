@@ -59,6 +59,7 @@ export class Committer {
   private readonly local: Replicator = { forward: (b) => this.acked(b.lastIndex) }
   replicator: Replicator = this.local
   quotaBytes = Infinity // see submit
+  mailboxQuotaBytes = Infinity // the same, for one mailbox
 
   // inherited: records this server holds durably beyond its applied state (a new primary's
   // uncommitted tail). They are committed down the chain before anything new.
@@ -106,9 +107,14 @@ export class Committer {
       if (running) return running
     }
     if (this.failure) return Promise.reject(this.failure)
-    // The quota: what would add an account or a message is refused once the state holds as much
-    // as it allows. Checked against what is applied, so it may be passed by what is in flight.
+    // The quotas: what would add an account or a message is refused once the state holds as much
+    // as it allows, and a message once its recipient's mailbox does. Checked against what is
+    // applied, so they may be passed by what is in flight.
     if ((body.op === 'send' || body.op === 'register') && this.state.storedBytes >= this.quotaBytes) return Promise.reject(errors.storeFull(this.quotaBytes))
+    if (body.op === 'send') {
+      const to = this.state.account(body.to)
+      if (to !== undefined && to.bytes >= this.mailboxQuotaBytes) return Promise.reject(errors.mailboxFull(to.name, this.mailboxQuotaBytes))
+    }
     this.lastTs = Math.max(this.lastTs, Date.now())
     // Stamped in place, not copied: a copy by object spread with the stamps after it ran into a
     // slow path of V8 (about 2 us, a tenth of the whole request's CPU time).

@@ -17,6 +17,7 @@ export interface Config {
   readonly segmentBytes: number
   readonly lineBytesMax: number
   readonly quotaBytes: number // sends and registrations are refused once the state holds this much
+  readonly mailboxQuotaBytes: number // sends to a mailbox are refused once it holds this much
   // replication (protocol.md, "Replication")
   readonly peers: string[] | null // every member of the initial chain, this one included
   readonly me: string // this server as named in --peers (host:port)
@@ -68,6 +69,8 @@ export const usage = `usage: chainchat-server --port <n> [options]
   --quota-mb <n>               refuse sends and registrations once the state holds this many
                                MiB, as protocol.md counts it (default ${defaultQuotaMb()}: a quarter of
                                this process's heap limit)
+  --mailbox-quota-mb <n>       refuse sends to a mailbox once it holds this many MiB, counted the
+                               same way (default ${defaultMailboxQuotaMb()}: a sixteenth of the default quota)
 
 replication:
   --peers <h:p,h:p,h:p>        every member of the chain, this server included; the initial
@@ -108,6 +111,7 @@ export function parseConfig (argv: string[]): Config | 'help' {
         'segment-bytes': { type: 'string' },
         'line-bytes-max': { type: 'string' },
         'quota-mb': { type: 'string' },
+        'mailbox-quota-mb': { type: 'string' },
         peers: { type: 'string' },
         join: { type: 'string' },
         'secret-file': { type: 'string' },
@@ -166,7 +170,8 @@ export function parseConfig (argv: string[]): Config | 'help' {
     // At most 1 GiB: recovery reads a segment into memory whole, and a read returns at most 2 GiB.
     segmentBytes: integer('segment-bytes', values['segment-bytes'], 1024, 1024 * 1024 * 1024, limits.logSegmentBytes),
     lineBytesMax: integer('line-bytes-max', values['line-bytes-max'], 1024, 16 * 1024 * 1024, limits.lineBytesMax),
-    quotaBytes: integer('quota-mb', values['quota-mb'], 1, 1024 * 1024 * 1024, defaultQuotaMb()) * 1024 * 1024
+    quotaBytes: integer('quota-mb', values['quota-mb'], 1, 1024 * 1024 * 1024, defaultQuotaMb()) * 1024 * 1024,
+    mailboxQuotaBytes: integer('mailbox-quota-mb', values['mailbox-quota-mb'], 1, 1024 * 1024 * 1024, defaultMailboxQuotaMb()) * 1024 * 1024
   })
 }
 
@@ -175,6 +180,12 @@ export function parseConfig (argv: string[]): Config | 'help' {
 // that limit (node's --max-old-space-size sets it).
 export function defaultQuotaMb (): number {
   return Math.max(1, Math.floor(heapShare(limits.quotaHeapShare) / 1024 / 1024))
+}
+
+// One mailbox may hold a share of that (not of --quota-mb: a small quota given for a test or a
+// small server does not make every mailbox smaller with it).
+export function defaultMailboxQuotaMb (): number {
+  return Math.max(1, Math.floor(defaultQuotaMb() * limits.mailboxQuotaShare))
 }
 
 // A share of V8's heap limit, in bytes.

@@ -67,6 +67,9 @@ export const limits = {
   // written and the requests in flight. (A third was too much for a heap limit of 144 MiB: a
   // flood of such texts filled it.)
   quotaHeapShare: 1 / 4,
+  // the default quota of one mailbox (--mailbox-quota-mb), as a share of the default quota: so
+  // that no one recipient can take the whole of it, however many send to them
+  mailboxQuotaShare: 1 / 16,
 
   // passwords: scrypt parameters (N=2^14, r=8, p=1 is the interactive-login recommendation)
   scryptN: 16384,

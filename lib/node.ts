@@ -109,6 +109,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       uptimeMs: Date.now() - startedAt,
       stored: state.storedBytes, // what the quota counts (protocol.md, "Quota")
       quota: config.quotaBytes,
+      mailboxQuota: config.mailboxQuotaBytes,
       storage: store.log.failed ? 'failed' : chain?.storageFailing === true ? 'failing' : 'ok'
     }
   }
@@ -149,6 +150,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       minChain: config.minChain,
       forceStart: config.forceStart,
       quotaBytes: config.quotaBytes,
+      mailboxQuotaBytes: config.mailboxQuotaBytes,
       store,
       log,
       onApplied: (r, a) => dispatcher.onApplied(r, a),
@@ -158,6 +160,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
   } else {
     single = new Committer(store, recovered.state, 0, (r, a) => dispatcher.onApplied(r, a))
     single.quotaBytes = config.quotaBytes
+    single.mailboxQuotaBytes = config.mailboxQuotaBytes
   }
 
   accept = socket => route(socket)

@@ -166,6 +166,35 @@ t.test('--min-chain 2 refuses writes with fewer than two members, and serves rea
   c.close()
 })
 
+t.test('the mailbox quota holds at the next primary after a failover too', async t => {
+  const chain = await Chain.create(t, { args: ['--mailbox-quota-mb', '1'] })
+  await chain.startAll()
+  const { primary } = await chain.waitConverged(3)
+  await setupUsers(chain.servers, users)
+  const c = await RawConn.open(chain.members[primary].port)
+  t.teardown(() => c.close())
+  t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
+  const text = 'z'.repeat(4000)
+  let refused: WireLine | null = null
+  for (let k = 0; k < 1000 && refused === null; k++) {
+    const r = await c.req({ op: 'send', to: 'ben', text })
+    if (r.ok !== true) refused = r
+  }
+  t.match(refused, { ok: false, error: { code: 'MAILBOX_FULL', to: 'ben', quota: 1024 * 1024 } }, 'the primary refuses a send to a full mailbox')
+  c.close()
+  await chain.waitConverged(3)
+  await chain.kill(primary)
+  const next = await waitFor(async () => {
+    for (let k = 0; k < 3; k++) if (k !== primary && (await chain.status(k))?.role === 'primary') return k
+    return undefined
+  }, 15_000, 'a new primary')
+  const d = await RawConn.open(chain.members[next].port)
+  t.teardown(() => d.close())
+  t.match(await d.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
+  t.match(await d.req({ op: 'send', to: 'ben', text: 'one more' }), { ok: false, error: { code: 'MAILBOX_FULL' } }, 'so does the new primary')
+  t.match(await d.req({ op: 'send', to: users.find(u => u !== 'ann' && u !== 'ben')!, text: 'to someone else' }), { ok: true }, 'a send to another mailbox goes through')
+})
+
 t.test('the quota holds on every member: the primary refuses, and so does the next one after a failover', async t => {
   const chain = await Chain.create(t, { args: ['--quota-mb', '1'] })
   await chain.startAll()

@@ -50,6 +50,7 @@ t.test('the executable: readiness line, flags, signals', async t => {
     t.match(badGrowth.stderr, /--snapshot-growth-percent/, 'naming the flag')
   }
   t.match(help.stdout, /--quota-mb <n> .*\(default \d+: a quarter of/s, 'the default quota is told')
+  t.match(help.stdout, /--mailbox-quota-mb <n> .*\(default \d+: a sixteenth of the default quota\)/s, 'and the mailbox quota')
   for (const v of ['0', '-5', '1.5']) {
     const badQuota = await runServer(['--port', '0', '--quota-mb', v])
     t.equal(badQuota.code, 2, `--quota-mb ${v} exits 2`)
@@ -157,6 +158,38 @@ t.test('the quota: sends and registrations refused once the state holds as much,
   t.match(await c.req({ op: 'status' }), { ok: true, stored: before.stored, digest: before.digest }, 'and once everything is decoded')
 })
 
+t.test('the mailbox quota: sends to a full mailbox refused, to others served; the recipient makes room by deleting', async t => {
+  const s = await startServer(t, { data: tmpDir(t, 'mailbox-quota'), args: ['--mailbox-quota-mb', '1'] })
+  const quota = 1024 * 1024
+  const c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  for (const u of ['ann', 'bob', 'cy']) t.match(await c.req({ op: 'register', user: u, password: 'pw' }), { ok: true })
+  t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
+  const text = 'x'.repeat(4000)
+  const each = 4000 + 3 + limits.messageOverheadBytes // in bob's mailbox, as the quota counts it
+  let sent = 0
+  let refused: Record<string, unknown> | null = null
+  while (refused === null && sent < 1000) {
+    const r = await c.req({ op: 'send', to: 'BOB', text, rid: `m${sent}` })
+    if (r.ok === true) sent++
+    else refused = r
+  }
+  t.match(refused, { ok: false, error: { code: 'MAILBOX_FULL', to: 'bob', quota } }, 'a send to bob is refused once his mailbox holds 1 MiB')
+  t.equal(sent, Math.ceil(quota / each), `${sent} sends of 4,000 bytes fit`)
+  t.match(await c.req({ op: 'status' }), { ok: true, mailboxQuota: quota }, 'status tells the mailbox quota')
+  t.match(await c.req({ op: 'send', to: 'cy', text }), { ok: true }, 'a send to another mailbox goes through')
+  t.match(await c.req({ op: 'send', to: 'bob', text, rid: 'm0' }), { ok: true, message: { to: 'bob' } }, 'a retry of an applied send to bob still gets its stored reply')
+  const bob = await RawConn.open(s.port)
+  t.teardown(() => bob.close())
+  t.match(await bob.req({ op: 'login', user: 'bob', password: 'pw' }), { ok: true, unread: sent })
+  const read = await bob.req({ op: 'read', limit: 10 })
+  t.match(await c.req({ op: 'send', to: 'bob', text }), { ok: false, error: { code: 'MAILBOX_FULL' } }, 'reading alone makes no room')
+  t.match(await bob.req({ op: 'delete_messages', ids: (read.messages as Array<{ id: number }>).map(m => m.id) }), { ok: true, deleted: 10 })
+  t.match(await c.req({ op: 'send', to: 'bob', text: 'there is room again' }), { ok: true }, 'a deletion does')
+  const bad = await runServer(['--port', '0', '--mailbox-quota-mb', '0'])
+  t.equal(bad.code, 2, '--mailbox-quota-mb 0 exits 2')
+})
+
 t.test('the default quota keeps a flood of texts held two bytes per character from filling a small heap', async t => {
   // 3,996 ASCII characters and an emoji: V8 holds the text with two bytes per character, twice
   // what the quota counts. With a third of the heap limit as the default this server aborted.
@@ -164,21 +197,26 @@ t.test('the default quota keeps a flood of texts held two bytes per character fr
   const c = await RawConn.open(s.port)
   t.teardown(() => c.close())
   t.match(await c.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
-  t.match(await c.req({ op: 'register', user: 'bob', password: 'pb' }), { ok: true })
+  // Spread over more recipients than it takes to fill the quota a mailbox at a time (a mailbox
+  // may hold a sixteenth of the default quota).
+  const to = Array.from({ length: 32 }, (_, k) => `r${k}`) // two of every 64 sends each
+  for (const u of to) t.match(await c.req({ op: 'register', user: u, password: 'pb' }), { ok: true })
   t.match(await c.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
   const { quota } = await c.req({ op: 'status' })
   t.ok(typeof quota === 'number' && quota > 20 * 1048576 && quota < 48 * 1048576, `a quarter of the heap limit: ${String(quota)} bytes`)
   const text = 'x'.repeat(3996) + '\u{1f600}'
   let sent = 0
   let full = false
-  while (!full && sent < 40_000) {
-    const replies = await Promise.all(Array.from({ length: 64 }, async () => c.req({ op: 'send', to: 'bob', text })))
+  let unexpected: unknown = null
+  while (!full && unexpected === null && sent < 40_000) {
+    const replies = await Promise.all(Array.from({ length: 64 }, async (_, k) => c.req({ op: 'send', to: to[k % to.length], text })))
     for (const r of replies) {
       if (r.ok === true) sent++
       else if (r.error?.code === 'STORE_FULL') full = true
-      else t.fail(`unexpected reply ${JSON.stringify(r).slice(0, 200)}`)
+      else unexpected ??= r
     }
   }
+  t.equal(unexpected, null, 'no reply but ok or STORE_FULL')
   t.ok(full, `STORE_FULL after ${sent} sends of about 8 KiB of heap each`)
   t.match(await c.req({ op: 'ping' }), { ok: true }, 'the server is still up')
   t.equal(s.proc.exitCode, null, 'and did not exit')
@@ -187,13 +225,17 @@ t.test('the default quota keeps a flood of texts held two bytes per character fr
 t.test('clients that ask for big replies and never read are disconnected once their output together passes its bound', async t => {
   // What piles up for a client waits in the heap; each is bounded (8 MiB), but 30 of them
   // together aborted a server with a heap limit of 112 MiB before there was a bound on the sum.
-  const s = await startServer(t, { data: tmpDir(t, 'outbound'), script: ['--max-old-space-size=64', path.join(root, 'bin/server.js')] })
+  // One mailbox holds the 900 messages: beyond what it may hold by default with this heap.
+  const s = await startServer(t, { data: tmpDir(t, 'outbound'), args: ['--mailbox-quota-mb', '8'], script: ['--max-old-space-size=64', path.join(root, 'bin/server.js')] })
   const open = opener(t, s.port)
   const ann = await open()
   t.match(await ann.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
   t.match(await ann.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
   const text = 'z'.repeat(4000)
-  for (let k = 0; k < 900; k += 100) await Promise.all(Array.from({ length: 100 }, async () => ann.req({ op: 'send', to: 'ann', text })))
+  for (let k = 0; k < 900; k += 100) {
+    const replies = await Promise.all(Array.from({ length: 100 }, async () => ann.req({ op: 'send', to: 'ann', text })))
+    t.ok(replies.every(r => r.ok === true), `sends ${k + 1} to ${k + 100} applied`)
+  }
   await Promise.all(Array.from({ length: 30 }, async () => {
     const c = await open()
     t.match(await c.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })

@@ -41,6 +41,7 @@ export interface ChainOptions {
   minChain: number
   forceStart: boolean
   quotaBytes?: number // see Committer.submit; none if absent
+  mailboxQuotaBytes?: number // the same, for one mailbox
   store: Store
   log: LogFn
   // Carry out a record's effects (pushes) on the primary.
@@ -517,6 +518,7 @@ export class ChainNode {
     }, (e) => this.onStorageFailure(e), this.unapplied)
     this.committer.replicator = { forward: () => this.onForward() }
     this.committer.quotaBytes = this.opts.quotaBytes ?? Infinity
+    this.committer.mailboxQuotaBytes = this.opts.mailboxQuotaBytes ?? Infinity
     this.unapplied = []
     this.dropPredecessor()
     this.setRole('primary', why)
