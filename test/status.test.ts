@@ -119,6 +119,8 @@ t.test('what is wrong is said', async t => {
     'h:2 holds as much as its quota allows (4 MiB)'
   ])
   t.same(rows(formatReport(full)).map(row => row[9]), ['100%', '100%', '50%'])
+  const mailboxes = assess([up(st('h:1', { role: 'primary', mailboxQuota: 64 * 1_048_576 })), up(st('h:2', { mailboxQuota: 64 * 1_048_576 })), up(st('h:3', { mailboxQuota: 32 * 1_048_576 }))])
+  t.same(mailboxes.problems, ['members disagree on the mailbox quota: 64 MiB (h:1, h:2); 32 MiB (h:3)'], 'so are members with different mailbox quotas')
   const older = assess([up(st('h:1', { role: 'primary', stored: undefined, quota: undefined }))])
   t.same(older.problems, [], 'a server that does not tell its quota is not a problem by itself')
   t.equal(rows(formatReport(older))[0][9], '-')

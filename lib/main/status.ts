@@ -2,8 +2,8 @@
 // every member given, and every member any of them names in its chain or as its learner, for
 // `status` (the client protocol, so no secret is needed), prints one row per member and says
 // what is wrong. Exit code 0 only for a healthy chain: every member answers, exactly one
-// primary, one epoch, one chain and one quota everywhere, equal digests at equal indexes, and no
-// member at its quota.
+// primary, one epoch, one chain and the same quotas everywhere, equal digests at equal indexes,
+// and no member at its quota.
 
 import net from 'node:net'
 import { parseArgs } from 'node:util'
@@ -17,9 +17,9 @@ const addrRe = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/ // as the server
 export const usage = `usage: chainchat-status <host:port>[,<host:port>...] [--watch] [--interval-ms <n>] [--json]
 
 Shows every member of a chain: the ones given and any member they name. Exits 0 when every
-member answers, exactly one is the primary, all agree on the epoch, the chain and the quota,
-every member at the primary's index has the primary's digest, and none holds as much as its
-quota allows; otherwise prints what is wrong and exits 1.
+member answers, exactly one is the primary, all agree on the epoch, the chain and the quotas
+(--quota-mb, --mailbox-quota-mb), every member at the primary's index has the primary's
+digest, and none holds as much as its quota allows; otherwise prints what is wrong and exits 1.
 
   --watch            refresh every interval until Ctrl-C
   --interval-ms <n>  the refresh interval for --watch (default 1000)
@@ -84,6 +84,7 @@ export interface Status {
   storage: string
   stored?: number // bytes, as the quota counts them (protocol.md, "Quota")
   quota?: number
+  mailboxQuota?: number
   [field: string]: unknown
 }
 
@@ -183,6 +184,7 @@ export function assess (probes: Probe[]): Report {
   disagree('epoch', s => String(s.epoch))
   disagree('chain', s => chainText(s.chain))
   disagree('quota', s => typeof s.quota === 'number' ? `${mib(s.quota)} MiB` : 'none told')
+  disagree('mailbox quota', s => typeof s.mailboxQuota === 'number' ? `${mib(s.mailboxQuota)} MiB` : 'none told')
   for (const p of up) {
     const s = p.status!
     const share = quotaShare(s)
