@@ -236,6 +236,14 @@ t.test('a messages chunk is binary and decodes to the same chunk', async t => {
     t.equal(f[frameHeaderBytes], 0x02, 'the binary tag')
     t.same(decodeFrame(f, 0), { kind: 'ok', value: chunk, next: f.length })
   }
+  // All ASCII (lengths taken from the strings, short names written byte by byte), with a name
+  // of 16 characters and one of 17, and one with a character beyond ASCII in a text.
+  const ascii: SnapshotMessage[] = [[1, 'a'.repeat(16), 'Bob', 'hello', 5, 0], [2, 'b'.repeat(17), 'Bob', '', 6, 1], [3, '', 'Bob', 'x'.repeat(70_000), 7, 0]]
+  for (const messages of [ascii, [...ascii, [4, 'c', 'Bob', 'caf\u00e9', 8, 1] as SnapshotMessage], [[5, 'caf\u00e9', 'Bob', 'plain', 9, 0] as SnapshotMessage, ...ascii]]) {
+    const chunk = { kind: 'messages', name: 'Bob', messages }
+    const f = encodeChunkFrame(chunk)
+    t.same(decodeFrame(f, 0, limits.snapshotFrameBytesMax), { kind: 'ok', value: chunk, next: f.length }, `${messages.length} messages`)
+  }
   const unicode = { kind: 'messages', name: 'z\u{1f600}', messages: [[1, 'a', 'z\u{1f600}', 'x', 2, 0]] }
   t.same(decodeFrame(encodeChunkFrame(unicode), 0), { kind: 'ok', value: unicode, next: encodeChunkFrame(unicode).length })
   t.ok(encodeChunkFrame({ kind: 'messages', name: 'Bob', messages: mailbox }).length < encodeFrame({ kind: 'messages', name: 'Bob', messages: mailbox }).length, 'smaller than the JSON')

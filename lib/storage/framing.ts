@@ -230,11 +230,19 @@ export function encodeChunkFrame (chunk: object, max: number = limits.snapshotFr
   const name = c.name
   const nameLen = Buffer.byteLength(name, 'utf8')
   let len = messagesChunkHeadBytes(nameLen)
+  // When every sender's name and text is ASCII (one call on them all tells), each one's bytes
+  // are its length: no call per string, each of which costs more than a short name's bytes.
+  let all = ''
   for (const m of c.messages) {
     if (m[2] !== name) return encodeFrame(chunk, max)
-    const fromLen = Buffer.byteLength(m[1], 'utf8')
+    all += m[1]
+    all += m[3]
+  }
+  const ascii = Buffer.byteLength(all, 'utf8') === all.length
+  for (const m of c.messages) {
+    const fromLen = ascii ? m[1].length : Buffer.byteLength(m[1], 'utf8')
     if (fromLen > 0xffff) throw new RangeError('a sender\'s name must be under 64 KiB')
-    len += messageHeadBytes + fromLen + Buffer.byteLength(m[3], 'utf8')
+    len += messageHeadBytes + fromLen + (ascii ? m[3].length : Buffer.byteLength(m[3], 'utf8'))
   }
   if (nameLen > 0xffff) throw new RangeError('a name must be under 64 KiB')
   const frame = allocFrame(len, max)
@@ -249,13 +257,21 @@ export function encodeChunkFrame (chunk: object, max: number = limits.snapshotFr
     frame.writeDoubleLE(id, p)
     frame.writeDoubleLE(ts, p + 8)
     frame[p + 16] = read
-    const fromLen = frame.write(from, p + messageHeadBytes, 'utf8')
+    const fromLen = ascii && from.length <= shortAscii ? putAscii(frame, from, p + messageHeadBytes) : frame.write(from, p + messageHeadBytes, 'utf8')
     frame.writeUInt16LE(fromLen, p + 17)
     const textLen = frame.write(text, p + messageHeadBytes + fromLen, 'utf8')
     frame.writeUInt32LE(textLen, p + 19)
     p += messageHeadBytes + fromLen + textLen
   }
   return seal(frame)
+}
+
+// An ASCII string of at most shortAscii characters written byte by byte: 2 to 3 ns a character,
+// where a call into Buffer's UTF-8 writer costs about 70 ns whatever the length.
+const shortAscii = 16
+function putAscii (buf: Buffer, s: string, at: number): number {
+  for (let k = 0; k < s.length; k++) buf[at + k] = s.charCodeAt(k)
+  return s.length
 }
 
 // The message of a send's stored reply, { ok: true, message: { id, from, to, text, ts } } and
