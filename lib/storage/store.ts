@@ -205,7 +205,8 @@ export class Store {
   private deleteCovered (run: { cancelled: boolean }, index: number, file: string, started: number): void {
     let covered: string[]
     try {
-      covered = [...this.log.dropCovered(index), ...oldSnapshots(this.files, this.dir, index)]
+      const snapshots = oldSnapshots(this.files, this.dir, index) // first: it may throw, dropCovered does not
+      covered = [...this.log.dropCovered(index), ...snapshots]
     } catch (e) {
       this.warn('removing what the snapshot covers failed; the next snapshot retries', { error: String(e) })
       return
