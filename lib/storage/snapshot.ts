@@ -85,7 +85,7 @@ function putInPlace (files: FileOps, dir: string, tmp: string, final: string): v
   fsyncDir(files, dir)
 }
 
-// Durably write the snapshot for `index`. Returns its path once it is safely in place.
+// Durably write the snapshot for `index`. Returns its path and size once it is safely in place.
 export function writeSnapshot (files: FileOps, dir: string, index: number, chunks: Iterable<object>): { file: string, bytes: number } {
   const final = path.join(dir, snapshotName(index))
   const tmp = final + '.tmp'
@@ -112,9 +112,9 @@ export function writeSnapshot (files: FileOps, dir: string, index: number, chunk
 // loop, so a large state does not stall the server: a slice ends after 1 MiB or after 1 ms of
 // making and encoding chunks, whichever comes first (slices of 4 MiB alone made pauses of 30 to
 // 100 ms here; of 4 MiB or 2 ms, one turn of the loop in ten took over 2.7 ms while a snapshot of
-// 300,000 messages was written, against 1.7 ms now). `chunks` must come from a copy that does not change meanwhile. `cancelled` is
-// asked before each slice; a cancelled or failed write removes its temporary file. `done` gets
-// the final path, or the error.
+// 300,000 messages was written, against 1.7 ms now). `chunks` must come from a copy that does
+// not change meanwhile. `cancelled` is asked before each slice; a cancelled or failed write
+// removes its temporary file. `done` gets the final path and the bytes written, or the error.
 export function writeSnapshotInSlices (files: FileOps, dir: string, index: number, chunks: Iterable<object>, cancelled: () => boolean, done: (err: Error | null, file: string, bytes: number) => void, sliceBytes = 1024 * 1024, sliceMs = 1): void {
   const final = path.join(dir, snapshotName(index))
   const tmp = final + '.tmp'
