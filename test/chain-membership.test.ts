@@ -7,7 +7,7 @@ import path from 'node:path'
 import net from 'node:net'
 import { spawn } from 'node:child_process'
 import { Chain, freePorts } from './helpers/chain.ts'
-import { RawConn, startServer, tmpDir, waitFor, root, type WireLine } from './helpers/spawn.ts'
+import { RawConn, sendUntilRefused, startServer, tmpDir, waitFor, root } from './helpers/spawn.ts'
 import { setupUsers, startSends, mailboxCounts, violations } from './helpers/workload.ts'
 import { ChatClient } from '../lib/client.ts'
 
@@ -175,19 +175,12 @@ t.test('the mailbox quota holds at the next primary after a failover too', async
   t.teardown(() => c.close())
   t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
   const text = 'z'.repeat(4000)
-  let refused: WireLine | null = null
-  for (let k = 0; k < 1000 && refused === null; k++) {
-    const r = await c.req({ op: 'send', to: 'ben', text })
-    if (r.ok !== true) refused = r
-  }
+  const { refused } = await sendUntilRefused(c, 'ben', text)
   t.match(refused, { ok: false, error: { code: 'MAILBOX_FULL', to: 'ben', quota: 1024 * 1024 } }, 'the primary refuses a send to a full mailbox')
   c.close()
   await chain.waitConverged(3)
   await chain.kill(primary)
-  const next = await waitFor(async () => {
-    for (let k = 0; k < 3; k++) if (k !== primary && (await chain.status(k))?.role === 'primary') return k
-    return undefined
-  }, 15_000, 'a new primary')
+  const next = await chain.newPrimary(primary)
   const d = await RawConn.open(chain.members[next].port)
   t.teardown(() => d.close())
   t.match(await d.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
@@ -204,21 +197,14 @@ t.test('the quota holds on every member: the primary refuses, and so does the ne
   t.teardown(() => c.close())
   t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
   const text = 'y'.repeat(4000)
-  let refused: WireLine | null = null
-  for (let k = 0; k < 1000 && refused === null; k++) {
-    const r = await c.req({ op: 'send', to: 'ben', text })
-    if (r.ok !== true) refused = r
-  }
+  const { refused } = await sendUntilRefused(c, 'ben', text)
   t.match(refused, { ok: false, error: { code: 'STORE_FULL', quota: 1024 * 1024 } }, 'the primary refuses a send once the quota is reached')
   const { digest } = await chain.waitConverged(3)
   const counts = (await chain.statuses()).map(s => s?.stored)
   t.ok(counts.every(n => typeof n === 'number' && n === counts[0] && n >= 1024 * 1024), `every member counts the same: ${counts.join(', ')}`)
   c.close()
   await chain.kill(primary)
-  const next = await waitFor(async () => {
-    for (let k = 0; k < 3; k++) if (k !== primary && (await chain.status(k))?.role === 'primary') return k
-    return undefined
-  }, 15_000, 'a new primary')
+  const next = await chain.newPrimary(primary)
   const d = await RawConn.open(chain.members[next].port)
   t.teardown(() => d.close())
   t.match(await d.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })

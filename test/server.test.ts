@@ -9,7 +9,7 @@ import { limits } from '../lib/limits.ts'
 import { segmentName } from '../lib/storage/log.ts'
 import { records, batch } from './helpers/storage.ts'
 import type { LogRecord } from '../lib/records.ts'
-import { startServer, runServer, tmpDir, RawConn, waitFor, floodWithoutReading, root, type Teardown } from './helpers/spawn.ts'
+import { startServer, runServer, tmpDir, RawConn, sendUntilRefused, waitFor, floodWithoutReading, root, type Teardown } from './helpers/spawn.ts'
 
 // Opens connections to port, each closed when the test ends.
 function opener (t: Teardown, port: number): () => Promise<RawConn> {
@@ -121,13 +121,7 @@ t.test('the quota: sends and registrations refused once the state holds as much,
   const text = 'x'.repeat(4000)
   // Each send counts twice: in bob's mailbox, and in its stored reply (it has a rid).
   const each = 2 * (4000 + 3 + limits.messageOverheadBytes)
-  let sent = 0
-  let refused: Record<string, unknown> | null = null
-  while (refused === null && sent < 1000) {
-    const r = await c.req({ op: 'send', to: 'bob', text, rid: `q${sent}` })
-    if (r.ok === true) sent++
-    else refused = r
-  }
+  const { sent, refused } = await sendUntilRefused(c, 'bob', text, 'q')
   t.match(refused, { ok: false, error: { code: 'STORE_FULL', quota } }, 'a send is refused once the quota is reached')
   t.ok(sent >= Math.floor((quota - 2 * limits.accountBytes) / each) && sent <= Math.ceil((quota - 2 * limits.accountBytes) / each), `${sent} sends of 4,000 bytes fit in 1 MiB as counted`)
   const full = await c.req({ op: 'status' })
@@ -167,13 +161,7 @@ t.test('the mailbox quota: sends to a full mailbox refused, to others served; th
   t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
   const text = 'x'.repeat(4000)
   const each = 4000 + 3 + limits.messageOverheadBytes // in bob's mailbox, as the quota counts it
-  let sent = 0
-  let refused: Record<string, unknown> | null = null
-  while (refused === null && sent < 1000) {
-    const r = await c.req({ op: 'send', to: 'BOB', text, rid: `m${sent}` })
-    if (r.ok === true) sent++
-    else refused = r
-  }
+  const { sent, refused } = await sendUntilRefused(c, 'BOB', text, 'm')
   t.match(refused, { ok: false, error: { code: 'MAILBOX_FULL', to: 'bob', quota } }, 'a send to bob is refused once his mailbox holds 1 MiB')
   t.equal(sent, Math.ceil(quota / each), `${sent} sends of 4,000 bytes fit`)
   t.match(await c.req({ op: 'status' }), { ok: true, mailboxQuota: quota }, 'status tells the mailbox quota')

@@ -105,6 +105,15 @@ export class Chain {
     this.members[k].proc = null
   }
 
+  // After the primary at `old` was stopped: wait until another member is the primary, and
+  // return its position.
+  async newPrimary (old: number, timeoutMs = 15_000): Promise<number> {
+    return await waitFor(async () => {
+      for (let k = 0; k < this.members.length; k++) if (k !== old && (await this.status(k))?.role === 'primary') return k
+      return undefined
+    }, timeoutMs, 'a new primary')
+  }
+
   member (addr: string): number {
     return this.members.findIndex(m => m.addr === addr)
   }

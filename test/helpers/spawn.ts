@@ -122,6 +122,19 @@ export interface WireLine {
   [field: string]: unknown
 }
 
+// Send `text` to `to` over c, one send at a time, until one is refused or `max` went through:
+// how many went through, and the refusal (null if none came). With ridPrefix, each send carries
+// the rid ridPrefix followed by its number.
+export async function sendUntilRefused (c: RawConn, to: string, text: string, ridPrefix?: string, max = 1000): Promise<{ sent: number, refused: WireLine | null }> {
+  let sent = 0
+  while (sent < max) {
+    const r = await c.req(ridPrefix === undefined ? { op: 'send', to, text } : { op: 'send', to, text, rid: `${ridPrefix}${sent}` })
+    if (r.ok !== true) return { sent, refused: r }
+    sent++
+  }
+  return { sent, refused: null }
+}
+
 // A raw line connection, exactly what `nc` sends: replies matched by id, events collected.
 export class RawConn {
   private buf = ''
