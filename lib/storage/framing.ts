@@ -101,6 +101,17 @@ const ridHeadBytes = 35
 // A messages chunk's payload before its messages: tag, name length, name, message count.
 const messagesChunkHeadBytes = (nameLen: number): number => 1 + 2 + nameLen + 4
 
+// The head every binary log record starts with, its payload's first 25 bytes: the tag, then
+// f64 i, e and ts. Returns where the payload starts.
+function putStamps (frame: Buffer, tag: number, r: LogRecord): number {
+  const at = frameHeaderBytes
+  frame[at] = tag
+  frame.writeDoubleLE(r.i, at + 1)
+  frame.writeDoubleLE(r.e, at + 9)
+  frame.writeDoubleLE(r.ts, at + 17)
+  return at
+}
+
 // A log record's frame: binary for a send and for a read mark without an rk, JSON for the rest.
 export function encodeRecordFrame (r: LogRecord): Buffer {
   if (r.op === 'mark_read' && r.rk === undefined) return encodeMark(r)
@@ -111,11 +122,7 @@ export function encodeRecordFrame (r: LogRecord): Buffer {
   const textLen = Buffer.byteLength(r.text, 'utf8')
   if (fromLen > 0xffff || toLen > 0xffff || rkLen >= 0xffff) throw new RangeError('a send record\'s names and key must be under 64 KiB each')
   const frame = allocFrame(sendHeadBytes + fromLen + toLen + Math.max(rkLen, 0) + textLen, limits.recordBytesMax)
-  const at = frameHeaderBytes
-  frame[at] = sendTag
-  frame.writeDoubleLE(r.i, at + 1)
-  frame.writeDoubleLE(r.e, at + 9)
-  frame.writeDoubleLE(r.ts, at + 17)
+  const at = putStamps(frame, sendTag, r)
   frame.writeUInt16LE(fromLen, at + 25)
   frame.writeUInt16LE(toLen, at + 27)
   frame.writeUInt16LE(rkLen + 1, at + 29)
@@ -134,11 +141,7 @@ function encodeMark (r: MarkReadRecord): Buffer {
   const userLen = Buffer.byteLength(r.user, 'utf8')
   if (userLen > 0xffff) throw new RangeError('a read mark\'s user must be under 64 KiB')
   const frame = allocFrame(markHeadBytes + ids.length * 8 + userLen, limits.recordBytesMax)
-  const at = frameHeaderBytes
-  frame[at] = markTag
-  frame.writeDoubleLE(r.i, at + 1)
-  frame.writeDoubleLE(r.e, at + 9)
-  frame.writeDoubleLE(r.ts, at + 17)
+  const at = putStamps(frame, markTag, r)
   frame.writeUInt16LE(userLen, at + 25)
   frame.writeUInt32LE(ids.length, at + 27)
   let p = at + markHeadBytes
