@@ -205,7 +205,7 @@ export class Store {
   private deleteCovered (run: { cancelled: boolean }, index: number, file: string, started: number): void {
     let covered: string[]
     try {
-      const snapshots = oldSnapshots(this.files, this.dir, index) // first: it may throw, dropCovered does not
+      const snapshots = oldSnapshots(this.files, this.dir, index) // first: it may throw, log.dropCovered does not
       covered = [...this.log.dropCovered(index), ...snapshots]
     } catch (e) {
       this.warn('removing what the snapshot covers failed; the next snapshot retries', { error: String(e) })
@@ -225,9 +225,8 @@ export class Store {
     one(null)
   }
 
-  // The snapshot at `index` (file) is in place: delete the log segments and the older snapshots
-  // it covers, and say so. Throws what the deletions throw; each caller handles it its own way.
-  private dropCovered (index: number, file: string, started: number): void {
+  // The same at once, for a snapshot written at once (snapshot). Throws what the deletions throw.
+  private deleteCoveredNow (index: number, file: string, started: number): void {
     const segments = this.log.compact(index)
     removeOldSnapshots(this.files, this.dir, index)
     this.info('snapshot written', { file, index, ms: Date.now() - started, segmentsRemoved: segments })
@@ -253,7 +252,7 @@ export class Store {
       this.snapshotBytes = bytes
       this.log.roll()
       this.bytesSinceSnapshot = 0
-      this.dropCovered(state.index, file, started)
+      this.deleteCoveredNow(state.index, file, started)
     } catch (e) {
       this.failed(state.index, e)
     }
