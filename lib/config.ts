@@ -67,7 +67,7 @@ export const usage = `usage: chainchat-server --port <n> [options]
   --segment-bytes <n>          start a new log segment once one holds this many bytes (default ${limits.logSegmentBytes})
   --line-bytes-max <n>         longest request line accepted (default ${limits.lineBytesMax})
   --quota-mb <n>               refuse sends and registrations once the state holds this many
-                               MiB, as protocol.md counts it (default ${defaultQuotaMb()}: a quarter of
+                               MiB, as protocol.md counts it (default ${defaultQuotaMb()}: a sixth of
                                this process's heap limit)
   --mailbox-quota-mb <n>       refuse sends to a mailbox once it holds this many MiB, counted the
                                same way (default ${defaultMailboxQuotaMb()}: a sixteenth of the default quota)

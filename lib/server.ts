@@ -199,7 +199,12 @@ class Connection implements Session {
       if (cb) cb(new Error('connection closed'))
       return
     }
-    if (!this.stream.write(text, cb) && !this.blockedOnDrain) {
+    // Behind output still waiting, a reply would wait as a string in the heap, with two bytes a
+    // character if any is beyond Latin-1, and count as one a character: it waits as its UTF-8
+    // bytes instead, outside the heap. (Written at once, a string goes to the kernel, and what
+    // the kernel does not take is kept outside the heap as UTF-8 by Node.)
+    const chunk = this.stream.writableLength > 0 ? Buffer.from(text, 'utf8') : text
+    if (!this.stream.write(chunk, cb) && !this.blockedOnDrain) {
       this.blockedOnDrain = true
       this.blockedSince = performance.now()
     }

@@ -49,7 +49,7 @@ t.test('the executable: readiness line, flags, signals', async t => {
     t.equal(badGrowth.code, 2, `--snapshot-growth-percent ${v} exits 2`)
     t.match(badGrowth.stderr, /--snapshot-growth-percent/, 'naming the flag')
   }
-  t.match(help.stdout, /--quota-mb <n> .*\(default \d+: a quarter of/s, 'the default quota is told')
+  t.match(help.stdout, /--quota-mb <n> .*\(default \d+: a sixth of/s, 'the default quota is told')
   t.match(help.stdout, /--mailbox-quota-mb <n> .*\(default \d+: a sixteenth of the default quota\)/s, 'and the mailbox quota')
   for (const v of ['0', '-5', '1.5']) {
     const badQuota = await runServer(['--port', '0', '--quota-mb', v])
@@ -191,7 +191,7 @@ t.test('the default quota keeps a flood of texts held two bytes per character fr
   for (const u of to) t.match(await c.req({ op: 'register', user: u, password: 'pb' }), { ok: true })
   t.match(await c.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
   const { quota } = await c.req({ op: 'status' })
-  t.ok(typeof quota === 'number' && quota > 20 * 1048576 && quota < 48 * 1048576, `a quarter of the heap limit: ${String(quota)} bytes`)
+  t.ok(typeof quota === 'number' && quota > 20 * 1048576 && quota < 48 * 1048576, `a sixth of the heap limit: ${String(quota)} bytes`)
   const text = 'x'.repeat(3996) + '\u{1f600}'
   let sent = 0
   let full = false
@@ -268,6 +268,81 @@ t.test('clients that each send most of a line and never end it are disconnected 
   t.match(await c.req({ op: 'ping' }), { ok: true }, 'the server is up')
   t.match(await c.req({ op: 'ping', pad: 'b'.repeat(60 * 1024) }), { ok: true }, 'and a line as long, once whole, is served')
   t.equal(s.proc.exitCode, null)
+})
+
+t.test('the quota, the bound on output and the bound on unfinished lines, all reached at once in a small heap', async t => {
+  // Each bound is a share of the heap limit, and each is tested alone above. Here all three are
+  // reached together: a full store, held two bytes per character; 30 clients asking for their
+  // whole mailbox again and again and never reading; 300 unfinished lines of 60 KiB. The server must stay up and
+  // keep every send it acknowledged.
+  const s = await startServer(t, { data: tmpDir(t, 'bounds'), script: ['--max-old-space-size=96', path.join(root, 'bin/server.js')] })
+  const open = opener(t, s.port)
+  const ann = await open()
+  t.match(await ann.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
+  const to = Array.from({ length: 32 }, (_, k) => `r${k}`)
+  for (const u of to) t.match(await ann.req({ op: 'register', user: u, password: 'pb' }), { ok: true })
+  t.match(await ann.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
+  const text = 'x'.repeat(3996) + '\u{1f600}'
+  const sent = new Map<string, number>(to.map(u => [u, 0]))
+  let full = false
+  let unexpected: unknown = null
+  while (!full && unexpected === null) {
+    const replies = await Promise.all(Array.from({ length: 64 }, async (_, k) => ann.req({ op: 'send', to: to[k % to.length], text })))
+    replies.forEach((r, k) => {
+      if (r.ok === true) sent.set(to[k % to.length], sent.get(to[k % to.length])! + 1)
+      else if (r.error?.code === 'STORE_FULL') full = true
+      else unexpected ??= r
+    })
+  }
+  t.equal(unexpected, null, 'no reply but ok or STORE_FULL')
+  const total = [...sent.values()].reduce((a, b) => a + b, 0)
+  t.ok(full, `STORE_FULL after ${total} sends`)
+
+  // Now all at once: readers that stall, unfinished lines, and sends still being refused.
+  const socks: net.Socket[] = []
+  t.teardown(() => { for (const sock of socks) sock.destroy() })
+  const stalled = Promise.all(to.slice(0, 30).map(async u => {
+    const c = await open()
+    t.match(await c.req({ op: 'login', user: u, password: 'pb' }), { ok: true })
+    c.sock.pause() // never reads again
+    // Each asks for its whole mailbox (about 0.8 MB) ten times: more than the kernel's socket
+    // buffers take, less than one connection may hold.
+    for (let j = 0; j < 10; j++) c.sock.write(JSON.stringify({ op: 'history', limit: limits.historyLimitMax }) + '\n')
+  }))
+  const part = '{"op":"ping","pad":"' + 'a'.repeat(60 * 1024)
+  const partial = (async () => {
+    for (let k = 0; k < 300; k++) {
+      const sock = net.connect(s.port, '127.0.0.1')
+      sock.on('error', () => {})
+      socks.push(sock)
+      await new Promise(resolve => sock.once('connect', resolve))
+      sock.write(part)
+    }
+  })()
+  const refused = (async () => {
+    for (let k = 0; k < 20; k++) {
+      const r = await ann.req({ op: 'send', to: to[k % to.length], text })
+      if (r.ok === true || !['STORE_FULL', 'MAILBOX_FULL'].includes(r.error?.code as string)) return r
+    }
+    return null
+  })()
+  await Promise.all([stalled, partial])
+  t.equal(await refused, null, 'sends went on being refused while the store was full')
+  const warned = (what: string): Promise<string> => waitFor(() => s.stderr().split('\n').find(l => l.includes(what)), 20_000, what)
+  t.match(JSON.parse(await warned('passed its bound')), { level: 'warn' }, 'stalled readers were disconnected')
+  t.match(JSON.parse(await warned('unfinished lines passed their bound')), { level: 'warn' }, 'unfinished lines were cut off')
+
+  // Still up, and every acknowledged send is there, once each.
+  const check = await open()
+  t.match(await check.req({ op: 'ping' }), { ok: true }, 'the server is up')
+  for (const u of to) {
+    t.match(await check.req({ op: 'login', user: u, password: 'pb' }), { ok: true })
+    const h = await check.req({ op: 'history', limit: limits.historyLimitMax })
+    const ids = (h.messages as Array<{ id: number }>).map(m => m.id)
+    if (ids.length !== sent.get(u) || new Set(ids).size !== ids.length) t.fail(`${u}: ${ids.length} messages, ${sent.get(u)!} acknowledged`)
+  }
+  t.pass(`all ${total} acknowledged sends present once each in 32 mailboxes`)
+  t.equal(s.proc.exitCode, null, 'and it did not exit')
 })
 
 t.test('a restart replaying a log of over 16 MiB: checksums on a second thread, messages left packed, the same state', async t => {
