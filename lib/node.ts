@@ -110,6 +110,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       stored: state.storedBytes, // what the quota counts (protocol.md, "Quota")
       quota: config.quotaBytes,
       mailboxQuota: config.mailboxQuotaBytes,
+      fullestMailbox: state.fullestMailbox, // { user, bytes }, counted as the quotas count
       storage: store.log.failed ? 'failed' : chain?.storageFailing === true ? 'failing' : 'ok'
     }
   }

@@ -609,11 +609,26 @@ export class ChatState {
   private tailsPending = 0 // mailboxes whose packed tail (see replay) is not decoded yet
   private tailsOnly = 0 // of them, those the snapshot did not leave packed as well
   private stored = 0
+  private fullest: Account | null = null // see fullestMailbox
+  private fullestKnown = true
 
   // How much the state holds, as the quota counts it: every account (limits.accountBytes), every
   // message in a mailbox, and every message held by a reply in the exactly-once table (see
   // messageBytes). A function of the state, the same on every replica; not in the digest.
   get storedBytes (): number { return this.stored }
+
+  // The mailbox that counts the most toward the quota, for status; null if every one is empty.
+  // Followed as mailboxes grow; found again by going over every account only when the one
+  // followed shrank or went, and only when asked. Among equals, any of them.
+  get fullestMailbox (): { user: string, bytes: number } | null {
+    if (!this.fullestKnown) {
+      this.fullest = null
+      for (const a of this.accounts.values()) if (this.fullest === null || a.bytes > this.fullest.bytes) this.fullest = a
+      this.fullestKnown = true
+    }
+    const a = this.fullest
+    return a === null || a.bytes <= 0 ? null : { user: a.name, bytes: a.bytes }
+  }
 
   // The digest of the state. A state loaded from a snapshot that recorded its digest knows it
   // before its mailboxes are decoded; one loaded from an older snapshot, or with messages that
@@ -867,6 +882,13 @@ export class ChatState {
   private addBytes (a: Account, bytes: number): void {
     a.bytes += bytes
     this.stored += bytes
+    if (bytes < 0) {
+      if (a === this.fullest) this.fullestKnown = false
+    } else this.mayBeFullest(a)
+  }
+
+  private mayBeFullest (a: Account): void {
+    if (this.fullestKnown && (this.fullest === null || a.bytes > this.fullest.bytes)) this.fullest = a
   }
 
   private addAccount (a: Account): void {
@@ -874,6 +896,7 @@ export class ChatState {
     this.accounts.set(a.key, a)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 0, a.key)
     this.digestAcc.addAccount(a)
+    this.mayBeFullest(a)
   }
 
   private removeAccount (a: Account): void {
@@ -882,6 +905,7 @@ export class ChatState {
     this.digestAcc.removeLanes(a.mailbox.hx, a.mailbox.hy)
     this.digestAcc.removeAccount(a)
     this.stored -= limits.accountBytes + a.bytes
+    if (a === this.fullest) this.fullestKnown = false
     this.accounts.delete(a.key)
     this.sortedKeys.splice(lowerBound(this.sortedKeys, a.key), 1)
   }

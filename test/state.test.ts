@@ -231,6 +231,42 @@ t.test('snapshotChunks copies the state when called: later changes do not show i
   t.notOk(copy.ridReply('b\u0000later'))
 })
 
+t.test('fullestMailbox: followed as mailboxes grow, found again when the fullest shrinks or goes', async t => {
+  const { st, apply } = withUsers('a', 'b', 'c')
+  t.equal(st.fullestMailbox, null, 'null while every mailbox is empty')
+  // Against a scan of every account, after each step.
+  const scan = (): { user: string, bytes: number } | null => {
+    let best: { user: string, bytes: number } | null = null
+    for (const name of ['a', 'b', 'c']) {
+      const acc = st.account(name)
+      if (acc && acc.bytes > 0 && (best === null || acc.bytes > best.bytes)) best = { user: acc.name, bytes: acc.bytes }
+    }
+    return best
+  }
+  const check = (what: string): void => { t.same(st.fullestMailbox, scan(), what) }
+  apply({ op: 'send', from: 'a', to: 'b', text: 'x'.repeat(100) })
+  check('one message')
+  apply({ op: 'send', from: 'a', to: 'c', text: 'x'.repeat(300) })
+  check('a bigger one elsewhere takes over')
+  apply({ op: 'send', from: 'a', to: 'b', text: 'x'.repeat(50) })
+  check('a smaller one does not')
+  const big = apply({ op: 'send', from: 'a', to: 'b', text: 'x'.repeat(400) })
+  check('b again')
+  t.equal(st.fullestMailbox?.user, 'b')
+  apply({ op: 'delete_messages', user: 'b', ids: [(big.reply as unknown as { message: { id: number } }).message.id] })
+  check('the fullest shrank: c is found again')
+  t.equal(st.fullestMailbox?.user, 'c')
+  apply({ op: 'read', user: 'c', limit: 10 })
+  check('reading makes no room')
+  apply({ op: 'delete_account', user: 'c', created: st.account('c')!.created })
+  check('the fullest went: b is found again')
+  t.equal(st.fullestMailbox?.user, 'b')
+  apply({ op: 'send', from: 'b', to: 'a', text: 'y'.repeat(1000) })
+  check('then a grows past it')
+  const copy = ChatState.fromSnapshotChunks(st.snapshotChunks() as Iterable<Record<string, unknown>>)
+  t.same(copy.fullestMailbox, st.fullestMailbox, 'a state loaded from a snapshot finds the same')
+})
+
 t.test('apply refuses records out of order', async t => {
   const st = new ChatState()
   t.throws(() => st.apply({ op: 'noop', i: 2, e: 0, ts: 1 }))

@@ -61,11 +61,11 @@ t.test('a healthy chain: rows in chain order, lag, digest marks, summary, no pro
   t.equal(r.primary?.node, 'h:1')
   const out = formatReport(r)
   t.same(rows(out), [
-    ['h:1', 'primary', '4', '10', '-', 'aaaaaaaa', '2', '3m12s', 'ok', '25%'],
-    ['h:2', 'backup', '4', '10', '0', 'aaaaaaaa =', '0', '3m12s', 'ok', '25%'],
-    ['h:3', 'backup', '4', '8', '2', 'cccccccc ~', '0', '3m12s', 'ok', '25%']
+    ['h:1', 'primary', '4', '10', '-', 'aaaaaaaa', '2', '3m12s', 'ok', '25%', '-'],
+    ['h:2', 'backup', '4', '10', '0', 'aaaaaaaa =', '0', '3m12s', 'ok', '25%', '-'],
+    ['h:3', 'backup', '4', '8', '2', 'cccccccc ~', '0', '3m12s', 'ok', '25%', '-']
   ])
-  t.match(out, /^MEMBER +ROLE +EPOCH +INDEX +LAG +DIGEST +CLIENTS +UPTIME +STORAGE +QUOTA$/m)
+  t.match(out, /^MEMBER +ROLE +EPOCH +INDEX +LAG +DIGEST +CLIENTS +UPTIME +STORAGE +QUOTA +FULLEST MAILBOX$/m)
   t.match(out, /^chain: h:1 -> h:2 -> h:3 \(epoch 4\)$/m)
   t.notMatch(out, /problem/)
   // A learner is named in the summary and listed after the chain.
@@ -77,7 +77,7 @@ t.test('a healthy chain: rows in chain order, lag, digest marks, summary, no pro
 t.test('what is wrong is said', async t => {
   const unreachable = assess([up(st('h:1', { role: 'primary' })), up(st('h:2')), down('h:3')])
   t.same(unreachable.problems, ['h:3 unreachable (connection refused)'])
-  t.same(rows(formatReport(unreachable))[2], ['h:3', 'unreachable', '-', '-', '-', '-', '-', '-', '-', '-'])
+  t.same(rows(formatReport(unreachable))[2], ['h:3', 'unreachable', '-', '-', '-', '-', '-', '-', '-', '-', '-'])
   t.match(formatReport(unreachable), /^problem: h:3 unreachable \(connection refused\)$/m)
 
   const diverged = assess([up(st('h:1', { role: 'primary' })), up(st('h:2', { digest: 'dddddddd00000000' })), up(st('h:3'))])
@@ -121,9 +121,19 @@ t.test('what is wrong is said', async t => {
   t.same(rows(formatReport(full)).map(row => row[9]), ['100%', '100%', '50%'])
   const mailboxes = assess([up(st('h:1', { role: 'primary', mailboxQuota: 64 * 1_048_576 })), up(st('h:2', { mailboxQuota: 64 * 1_048_576 })), up(st('h:3', { mailboxQuota: 32 * 1_048_576 }))])
   t.same(mailboxes.problems, ['members disagree on the mailbox quota: 64 MiB (h:1, h:2); 32 MiB (h:3)'], 'so are members with different mailbox quotas')
+  // The fullest mailbox, as a share of the mailbox quota: shown, not a problem (it is one
+  // recipient's, and sends to others go on).
+  const fullest = assess([
+    up(st('h:1', { role: 'primary', mailboxQuota: 4 * 1_048_576, fullestMailbox: { user: 'ann', bytes: 1_048_576 } })),
+    up(st('h:2', { mailboxQuota: 4 * 1_048_576, fullestMailbox: { user: 'bob', bytes: 4 * 1_048_576 + 1 } })),
+    up(st('h:3', { mailboxQuota: 4 * 1_048_576, fullestMailbox: null }))
+  ])
+  t.same(fullest.problems, [])
+  t.same(rows(formatReport(fullest)).map(row => row[10]), ['25% ann', '100% bob', '0%'])
   const older = assess([up(st('h:1', { role: 'primary', stored: undefined, quota: undefined }))])
   t.same(older.problems, [], 'a server that does not tell its quota is not a problem by itself')
   t.equal(rows(formatReport(older))[0][9], '-')
+  t.equal(rows(formatReport(older))[0][10], '-', 'nor one that does not tell its fullest mailbox')
 
   // A single server is its own primary.
   t.same(assess([up(st('h:9', { role: 'single', epoch: 0, chain: ['h:9'], primary: 'h:9' }))]).problems, [])

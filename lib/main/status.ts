@@ -29,6 +29,8 @@ digest, and none holds as much as its quota allows; otherwise prints what is wro
 Digest marks: = same as the primary's, ~ differs but at another index (lagging),
 ! differs at the same index (the states diverged). CLIENTS counts this tool's own connection.
 QUOTA: how much of its quota (--quota-mb) the member's state holds.
+FULLEST MAILBOX: the mailbox that holds the most on the member, and how much of the mailbox
+quota (--mailbox-quota-mb) that is; at 100% sends to it are refused (MAILBOX_FULL).
 `
 
 export interface StatusFlags { addrs: string[], watch: boolean, intervalMs: number, json: boolean, help: boolean }
@@ -85,6 +87,7 @@ export interface Status {
   stored?: number // bytes, as the quota counts them (protocol.md, "Quota")
   quota?: number
   mailboxQuota?: number
+  fullestMailbox?: { user: string, bytes: number } | null
   [field: string]: unknown
 }
 
@@ -218,6 +221,15 @@ function quotaCell (s: Status): string {
   return share === null ? '-' : `${Math.floor(share * 100)}%`
 }
 
+// The fullest mailbox and its share of the mailbox quota, as "43% ann"; "-" if not told.
+function mailboxCell (s: Status): string {
+  const f = s.fullestMailbox
+  if (typeof s.mailboxQuota !== 'number' || s.mailboxQuota <= 0) return '-'
+  if (f === null) return '0%'
+  if (typeof f !== 'object' || typeof f.bytes !== 'number' || typeof f.user !== 'string') return '-'
+  return `${Math.floor(f.bytes / s.mailboxQuota * 100)}% ${f.user}`
+}
+
 function chainText (chain: unknown): string {
   return Array.isArray(chain) && chain.length > 0 ? chain.join(' -> ') : '(empty)'
 }
@@ -242,16 +254,16 @@ function digestCell (s: Status, primary: Status | null): string {
 
 // The table, the chain summary and one line per problem; pure, for tests.
 export function formatReport (r: Report): string {
-  const rows = [['MEMBER', 'ROLE', 'EPOCH', 'INDEX', 'LAG', 'DIGEST', 'CLIENTS', 'UPTIME', 'STORAGE', 'QUOTA']]
+  const rows = [['MEMBER', 'ROLE', 'EPOCH', 'INDEX', 'LAG', 'DIGEST', 'CLIENTS', 'UPTIME', 'STORAGE', 'QUOTA', 'FULLEST MAILBOX']]
   for (const p of r.members) {
     const s = p.status
     if (!s) {
-      rows.push([p.member, 'unreachable', '-', '-', '-', '-', '-', '-', '-', '-'])
+      rows.push([p.member, 'unreachable', '-', '-', '-', '-', '-', '-', '-', '-', '-'])
       continue
     }
     const lag = r.primary && s !== r.primary && typeof s.index === 'number' ? String(r.primary.index - s.index) : '-'
     const uptime = typeof s.uptimeMs === 'number' ? formatUptime(s.uptimeMs) : '-'
-    rows.push([p.member, s.role, String(s.epoch ?? '-'), String(s.index ?? '-'), lag, digestCell(s, r.primary), String(s.clients ?? '-'), uptime, String(s.storage ?? '-'), quotaCell(s)])
+    rows.push([p.member, s.role, String(s.epoch ?? '-'), String(s.index ?? '-'), lag, digestCell(s, r.primary), String(s.clients ?? '-'), uptime, String(s.storage ?? '-'), quotaCell(s), mailboxCell(s)])
   }
   const widths = rows[0].map((_, c) => Math.max(...rows.map(row => row[c].length)))
   const lines = rows.map(row => row.map((cell, c) => cell.padEnd(widths[c])).join('  ').trimEnd())
