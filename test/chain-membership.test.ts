@@ -1,13 +1,13 @@
 // Membership and trust: distinct addresses, the peer secret, a new server joining, a member
 // removed on purpose, --min-chain, and catching up from a snapshot.
 
-import t from 'tap'
+import t, { type Test } from 'tap'
 import fs from 'node:fs'
 import path from 'node:path'
 import net from 'node:net'
 import { spawn } from 'node:child_process'
 import { Chain, freePorts } from './helpers/chain.ts'
-import { RawConn, sendUntilRefused, startServer, tmpDir, waitFor, root } from './helpers/spawn.ts'
+import { RawConn, sendUntilRefused, startServer, tmpDir, waitFor, root, type WireLine } from './helpers/spawn.ts'
 import { setupUsers, startSends, mailboxCounts, violations } from './helpers/workload.ts'
 import { ChatClient } from '../lib/client.ts'
 
@@ -166,48 +166,50 @@ t.test('--min-chain 2 refuses writes with fewer than two members, and serves rea
   c.close()
 })
 
-t.test('the mailbox quota holds at the next primary after a failover too', async t => {
-  const chain = await Chain.create(t, { args: ['--mailbox-quota-mb', '1'] })
+// A chain started with `args` and the users set up; ann, logged in at the primary, sends 4,000
+// characters at a time to ben until a send is refused. Returns the chain, the primary's position,
+// ann's connection and the refusal.
+async function sendAtPrimaryUntilRefused (t: Test, args: string[]): Promise<{ chain: Chain, primary: number, c: RawConn, refused: WireLine | null }> {
+  const chain = await Chain.create(t, { args })
   await chain.startAll()
   const { primary } = await chain.waitConverged(3)
   await setupUsers(chain.servers, users)
   const c = await RawConn.open(chain.members[primary].port)
   t.teardown(() => c.close())
   t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
-  const text = 'z'.repeat(4000)
-  const { refused } = await sendUntilRefused(c, 'ben', text)
-  t.match(refused, { ok: false, error: { code: 'MAILBOX_FULL', to: 'ben', quota: 1024 * 1024 } }, 'the primary refuses a send to a full mailbox')
-  c.close()
-  await chain.waitConverged(3)
+  const { refused } = await sendUntilRefused(c, 'ben', 'z'.repeat(4000))
+  return { chain, primary, c, refused }
+}
+
+// Kill the primary at `primary`, wait for the next, and log ann in there: its position and ann's
+// connection to it.
+async function annAtNextPrimary (t: Test, chain: Chain, primary: number): Promise<{ next: number, d: RawConn }> {
   await chain.kill(primary)
   const next = await chain.newPrimary(primary)
   const d = await RawConn.open(chain.members[next].port)
   t.teardown(() => d.close())
   t.match(await d.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
+  return { next, d }
+}
+
+t.test('the mailbox quota holds at the next primary after a failover too', async t => {
+  const { chain, primary, c, refused } = await sendAtPrimaryUntilRefused(t, ['--mailbox-quota-mb', '1'])
+  t.match(refused, { ok: false, error: { code: 'MAILBOX_FULL', to: 'ben', quota: 1024 * 1024 } }, 'the primary refuses a send to a full mailbox')
+  c.close()
+  await chain.waitConverged(3)
+  const { d } = await annAtNextPrimary(t, chain, primary)
   t.match(await d.req({ op: 'send', to: 'ben', text: 'one more' }), { ok: false, error: { code: 'MAILBOX_FULL' } }, 'so does the new primary')
   t.match(await d.req({ op: 'send', to: users.find(u => u !== 'ann' && u !== 'ben')!, text: 'to someone else' }), { ok: true }, 'a send to another mailbox goes through')
 })
 
 t.test('the quota holds on every member: the primary refuses, and so does the next one after a failover', async t => {
-  const chain = await Chain.create(t, { args: ['--quota-mb', '1'] })
-  await chain.startAll()
-  const { primary } = await chain.waitConverged(3)
-  await setupUsers(chain.servers, users)
-  const c = await RawConn.open(chain.members[primary].port)
-  t.teardown(() => c.close())
-  t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
-  const text = 'y'.repeat(4000)
-  const { refused } = await sendUntilRefused(c, 'ben', text)
+  const { chain, primary, c, refused } = await sendAtPrimaryUntilRefused(t, ['--quota-mb', '1'])
   t.match(refused, { ok: false, error: { code: 'STORE_FULL', quota: 1024 * 1024 } }, 'the primary refuses a send once the quota is reached')
   const { digest } = await chain.waitConverged(3)
   const counts = (await chain.statuses()).map(s => s?.stored)
   t.ok(counts.every(n => typeof n === 'number' && n === counts[0] && n >= 1024 * 1024), `every member counts the same: ${counts.join(', ')}`)
   c.close()
-  await chain.kill(primary)
-  const next = await chain.newPrimary(primary)
-  const d = await RawConn.open(chain.members[next].port)
-  t.teardown(() => d.close())
-  t.match(await d.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
+  const { next, d } = await annAtNextPrimary(t, chain, primary)
   t.match(await d.req({ op: 'send', to: 'ben', text: 'one more' }), { ok: false, error: { code: 'STORE_FULL' } }, 'so does the new primary')
   t.equal((await chain.status(next))?.digest, digest, 'nothing was applied')
 })

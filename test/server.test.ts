@@ -1,6 +1,6 @@
 // One real server process, driven over raw sockets exactly as `nc` would.
 
-import t from 'tap'
+import t, { type Test } from 'tap'
 import fs from 'node:fs'
 import net from 'node:net'
 import path from 'node:path'
@@ -20,6 +20,36 @@ function opener (t: Teardown, port: number): () => Promise<RawConn> {
     conns.push(c)
     return c
   }
+}
+
+// A small heap filled the way the two tests below fill it: ann and 32 recipients registered,
+// ann logged in on c, then 3,996 ASCII characters and an emoji sent 64 at a time, spread over the
+// recipients, until a send is refused with STORE_FULL or maxSends went through. V8 holds such a
+// text with two bytes per character, twice what the quota counts; a mailbox may hold only a
+// sixteenth of the default quota, so the sends go to more mailboxes than it takes to fill it.
+// Returns the recipients, the text, the sends applied to each, whether STORE_FULL came, and the
+// first reply that was neither (null if none).
+async function floodUntilFull (t: Test, c: RawConn, maxSends = 40_000): Promise<{ to: string[], text: string, sent: Map<string, number>, total: number, full: boolean, unexpected: unknown }> {
+  t.match(await c.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
+  const to = Array.from({ length: 32 }, (_, k) => `r${k}`) // two of every 64 sends each
+  for (const u of to) t.match(await c.req({ op: 'register', user: u, password: 'pb' }), { ok: true })
+  t.match(await c.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
+  const text = 'x'.repeat(3996) + '\u{1f600}'
+  const sent = new Map<string, number>(to.map(u => [u, 0]))
+  let total = 0
+  let full = false
+  let unexpected: unknown = null
+  while (!full && unexpected === null && total < maxSends) {
+    const replies = await Promise.all(Array.from({ length: 64 }, async (_, k) => c.req({ op: 'send', to: to[k % to.length], text })))
+    replies.forEach((r, k) => {
+      if (r.ok === true) {
+        sent.set(to[k % to.length], sent.get(to[k % to.length])! + 1)
+        total++
+      } else if (r.error?.code === 'STORE_FULL') full = true
+      else unexpected ??= r
+    })
+  }
+  return { to, text, sent, total, full, unexpected }
 }
 
 t.test('the executable: readiness line, flags, signals', async t => {
@@ -185,28 +215,11 @@ t.test('the default quota keeps a flood of texts held two bytes per character fr
   const s = await startServer(t, { data: tmpDir(t, 'quota-heap'), script: ['--max-old-space-size=96', path.join(root, 'bin/server.js')] })
   const c = await RawConn.open(s.port)
   t.teardown(() => c.close())
-  t.match(await c.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
-  // Spread over more recipients than it takes to fill the quota a mailbox at a time (a mailbox
-  // may hold a sixteenth of the default quota).
-  const to = Array.from({ length: 32 }, (_, k) => `r${k}`) // two of every 64 sends each
-  for (const u of to) t.match(await c.req({ op: 'register', user: u, password: 'pb' }), { ok: true })
-  t.match(await c.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
   const { quota } = await c.req({ op: 'status' })
   t.ok(typeof quota === 'number' && quota > 20 * 1048576 && quota < 48 * 1048576, `a sixth of the heap limit: ${String(quota)} bytes`)
-  const text = 'x'.repeat(3996) + '\u{1f600}'
-  let sent = 0
-  let full = false
-  let unexpected: unknown = null
-  while (!full && unexpected === null && sent < 40_000) {
-    const replies = await Promise.all(Array.from({ length: 64 }, async (_, k) => c.req({ op: 'send', to: to[k % to.length], text })))
-    for (const r of replies) {
-      if (r.ok === true) sent++
-      else if (r.error?.code === 'STORE_FULL') full = true
-      else unexpected ??= r
-    }
-  }
+  const { total, full, unexpected } = await floodUntilFull(t, c)
   t.equal(unexpected, null, 'no reply but ok or STORE_FULL')
-  t.ok(full, `STORE_FULL after ${sent} sends of about 8 KiB of heap each`)
+  t.ok(full, `STORE_FULL after ${total} sends of about 8 KiB of heap each`)
   t.match(await c.req({ op: 'ping' }), { ok: true }, 'the server is still up')
   t.equal(s.proc.exitCode, null, 'and did not exit')
 })
@@ -274,29 +287,13 @@ t.test('clients that each send most of a line and never end it are disconnected 
 t.test('the quota, the bound on output and the bound on unfinished lines, all reached at once in a small heap', async t => {
   // Each bound is a share of the heap limit, and each is tested alone above. Here all three are
   // reached together: a full store, held two bytes per character; 30 clients asking for their
-  // whole mailbox again and again and never reading; 300 unfinished lines of 60 KiB. The server must stay up and
-  // keep every send it acknowledged.
+  // whole mailbox again and again and never reading; 300 unfinished lines of 60 KiB. The server
+  // must stay up and keep every send it acknowledged.
   const s = await startServer(t, { data: tmpDir(t, 'bounds'), script: ['--max-old-space-size=96', path.join(root, 'bin/server.js')] })
   const open = opener(t, s.port)
   const ann = await open()
-  t.match(await ann.req({ op: 'register', user: 'ann', password: 'pa' }), { ok: true })
-  const to = Array.from({ length: 32 }, (_, k) => `r${k}`)
-  for (const u of to) t.match(await ann.req({ op: 'register', user: u, password: 'pb' }), { ok: true })
-  t.match(await ann.req({ op: 'login', user: 'ann', password: 'pa' }), { ok: true })
-  const text = 'x'.repeat(3996) + '\u{1f600}'
-  const sent = new Map<string, number>(to.map(u => [u, 0]))
-  let full = false
-  let unexpected: unknown = null
-  while (!full && unexpected === null) {
-    const replies = await Promise.all(Array.from({ length: 64 }, async (_, k) => ann.req({ op: 'send', to: to[k % to.length], text })))
-    replies.forEach((r, k) => {
-      if (r.ok === true) sent.set(to[k % to.length], sent.get(to[k % to.length])! + 1)
-      else if (r.error?.code === 'STORE_FULL') full = true
-      else unexpected ??= r
-    })
-  }
+  const { to, text, sent, total, full, unexpected } = await floodUntilFull(t, ann)
   t.equal(unexpected, null, 'no reply but ok or STORE_FULL')
-  const total = [...sent.values()].reduce((a, b) => a + b, 0)
   t.ok(full, `STORE_FULL after ${total} sends`)
 
   // Now all at once: readers that stall, unfinished lines, and sends still being refused.

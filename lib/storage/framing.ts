@@ -284,8 +284,8 @@ function sentMessage (reply: Reply): Message | null {
   if (reply.ok !== true) return null
   const m = reply.message as Message | undefined
   if (m === undefined || typeof m !== 'object' || m === null) return null
-  let n = 0
-  for (const k in reply) if (k !== (n++ === 0 ? 'ok' : n === 2 ? 'message' : '')) return null
+  const top = Object.keys(reply)
+  if (top.length !== 2 || top[0] !== 'ok' || top[1] !== 'message') return null
   const keys = Object.keys(m)
   if (keys.length !== 5 || keys[0] !== 'id' || keys[1] !== 'from' || keys[2] !== 'to' || keys[3] !== 'text' || keys[4] !== 'ts') return null
   if (typeof m.id !== 'number' || typeof m.from !== 'string' || typeof m.to !== 'string' || typeof m.text !== 'string' || typeof m.ts !== 'number') return null
