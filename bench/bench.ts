@@ -3,6 +3,9 @@
 //   1. Throughput and latency of acknowledged (fsync'd) sends: N closed-loop clients against a
 //      real server process, for each N in --clients; then the same against a local chain of
 //      three server processes (clients use the library's failover client, given all three).
+//      With each level, the CPU of every process, and what the server's status says of its
+//      log's appends: records per append (the group commit's batches) and the time from an
+//      append's write to its fdatasync's end, the disk's share of a send's latency.
 //   2. Failover time: one client sending back to back to a three-server chain; the primary is
 //      SIGKILLed (then, separately, SIGSTOPped), and the time from the signal to the first send
 //      acknowledged by the new primary is measured as the client sees it.
@@ -304,6 +307,18 @@ interface LevelResult {
   otherCpu: number | null
   setupMs: number
   note: string | null // chain: a reconfiguration during the level, from the members' status and logs
+  log: LevelLog | null // the server's (chain: the primary's) appends during the level; null for the reference
+}
+
+// What the server's status says of its log's appends (protocol.md, "Status", `log`), taken
+// before and after a level: the records per append in between, and the times of the latest
+// 1,024 appends at the end (at 64 clients, the last second or two of the level).
+interface AppendStats { appends: number, records: number, syncMs: { p50: number, p99: number } | null }
+interface LevelLog { recordsPerAppend: number, syncMs: { p50: number, p99: number } | null }
+
+async function appendStats (addr: string): Promise<AppendStats | null> {
+  const st = await statusOf(addr)
+  return (st?.log as AppendStats | undefined) ?? null
 }
 
 // Register users over the wire, a few connections at a time (each register costs the server a
@@ -417,17 +432,20 @@ async function runLevel (n: number, opts: ReturnType<typeof parseFlags>, kind: '
   try {
     let target: { port: number } | { servers: string[] }
     let pids: Array<number | undefined>
+    let leader: string | null = null // where the log's appends are asked for
     if (kind !== 'chain') {
       dir = mkTemp(`load${n}`)
       server = await startServer(dir, [], 30_000, 0, kind === 'single' ? [serverJs] : referenceServer)
       target = { port: server.port }
       pids = [server.proc.pid]
+      if (kind === 'single') leader = `127.0.0.1:${server.port}`
     } else {
       chain = await startChain(`chain${n}`)
       const { order, epoch } = await waitChainReady(chain, 30_000)
       epoch0 = epoch
       target = { servers: chain.servers }
       pids = order.map(k => chain!.members[k].server?.proc.pid) // primary, middle, tail
+      leader = chain.members[order[0]].addr
     }
     const senders = Array.from({ length: n }, (_, k) => `s${k}`)
     // Default: each sender has its own recipient who is registered but never logs in, so every
@@ -448,7 +466,12 @@ async function runLevel (n: number, opts: ReturnType<typeof parseFlags>, kind: '
     }
     const setupMs = Date.now() - setupStart
     // Logins (a scrypt each) happen inside runShares, before the clock and the CPU meter start.
+    const log0 = leader === null ? null : await appendStats(leader)
     const { results, cpu } = await runShares(spec, pairs, opts.workers, new CpuMeter(pids))
+    const log1 = leader === null ? null : await appendStats(leader)
+    const log: LevelLog | null = log0 === null || log1 === null
+      ? null
+      : { recordsPerAppend: (log1.records - log0.records) / Math.max(1, log1.appends - log0.appends), syncMs: log1.syncMs }
     // A chain that reconfigured during the level (a member presumed failed, say, on a starved
     // machine) measured something else: say so next to the table.
     let note: string | null = null
@@ -474,7 +497,8 @@ async function runLevel (n: number, opts: ReturnType<typeof parseFlags>, kind: '
       benchCpu: cpu.bench,
       otherCpu: cpu.other,
       setupMs,
-      note
+      note,
+      log
     }
   } catch (e) {
     if (chain !== null) process.stderr.write(`bench: chain level with ${n} clients failed; the members' events: ${chainEvents(chain, 8)}\n`)
@@ -1021,6 +1045,15 @@ async function main (): Promise<void> {
     console.log(table(['setup', 'clients', 'max ms', 'server CPU (chain: primary + backup + tail)', 'bench CPU', 'other CPU'],
       [...cpuRows('single', single), ...cpuRows('reference', reference), ...cpuRows('chain', chained)],
       [false, true, true, true, true, true]))
+    console.log()
+    console.log('the log\'s appends during each level (status `log`; chain: the primary\'s), each one write and one fdatasync;')
+    console.log('the time is from an append\'s write to its fdatasync\'s end as the server saw it, over its last 1,024 appends:')
+    const logRows = (label: string, rs: LevelResult[]): string[][] => rs.map(r => [label, String(r.clients),
+      r.log === null ? '-' : f1(r.log.recordsPerAppend),
+      r.log?.syncMs == null ? '-' : f3(r.log.syncMs.p50), r.log?.syncMs == null ? '-' : f3(r.log.syncMs.p99)])
+    console.log(table(['setup', 'clients', 'records per append', 'sync p50 ms', 'sync p99 ms'],
+      [...logRows('single', single), ...logRows('chain', chained)],
+      [false, true, true, true, true]))
     for (const r of single) if (r.firstError) console.log(`first error at ${r.clients} clients, single server: ${r.firstError}`)
     for (const r of chained) if (r.firstError) console.log(`first error at ${r.clients} clients, chain: ${r.firstError}`)
     for (const r of chained) if (r.note) console.log(`note at ${r.clients} clients, chain: ${r.note}`)

@@ -111,6 +111,7 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       quota: config.quotaBytes,
       mailboxQuota: config.mailboxQuotaBytes,
       fullestMailbox: state.fullestMailbox, // { user, bytes }, counted as the quotas count
+      log: store.log.appendStats(),
       storage: store.log.failed ? 'failed' : chain?.storageFailing === true ? 'failing' : 'ok'
     }
   }

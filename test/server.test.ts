@@ -209,6 +209,31 @@ t.test('the mailbox quota: sends to a full mailbox refused, to others served; th
   t.equal(bad.code, 2, '--mailbox-quota-mb 0 exits 2')
 })
 
+t.test('status tells the log\'s appends since the start: their records, bytes and times', async t => {
+  const data = tmpDir(t, 'append-stats')
+  let s = await startServer(t, { data })
+  let c = await RawConn.open(s.port)
+  t.match(await c.req({ op: 'status' }), { ok: true, log: { appends: 0, records: 0, bytes: 0, syncMs: null } }, 'nothing appended yet')
+  for (const u of ['ann', 'bob']) t.match(await c.req({ op: 'register', user: u, password: 'pw' }), { ok: true })
+  t.match(await c.req({ op: 'login', user: 'ann', password: 'pw' }), { ok: true })
+  // 40 sends in one write: the server batches them into fewer appends.
+  const replies = await Promise.all(Array.from({ length: 40 }, (_, k) => c.req({ op: 'send', to: 'bob', text: `m${k}` })))
+  t.ok(replies.every(r => r.ok === true), 'every send applied')
+  t.match(await c.req({ op: 'users' }), { ok: true }, 'a query appends nothing')
+  const st = await c.req({ op: 'status' }) as { log: { appends: number, records: number, bytes: number, syncMs: { p50: number, p99: number, max: number } } }
+  t.equal(st.log.records, 42, 'two registrations and 40 sends')
+  t.ok(st.log.appends >= 3 && st.log.appends < 42, `in fewer appends than records: ${st.log.appends}`)
+  const segment = path.join(data, segmentName(1))
+  t.ok(st.log.bytes > 42 * 30 && st.log.bytes <= fs.statSync(segment).size, `the bytes of the records: ${st.log.bytes}`)
+  t.ok(st.log.syncMs.p50 >= 0 && st.log.syncMs.p50 <= st.log.syncMs.p99 && st.log.syncMs.p99 <= st.log.syncMs.max, `times in order: ${JSON.stringify(st.log.syncMs)}`)
+  c.close()
+  t.equal(await s.stop(), 0)
+  s = await startServer(t, { data })
+  c = await RawConn.open(s.port)
+  t.teardown(() => c.close())
+  t.match(await c.req({ op: 'status' }), { ok: true, index: 42, log: { appends: 0, records: 0, syncMs: null } }, 'counted since the start: a restart begins again')
+})
+
 t.test('the default quota keeps a flood of texts held two bytes per character from filling a small heap', async t => {
   // 3,996 ASCII characters and an emoji: V8 holds the text with two bytes per character, twice
   // what the quota counts. With a third of the heap limit as the default this server aborted.

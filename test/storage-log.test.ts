@@ -570,6 +570,38 @@ t.test('appendAsync: a log truncated while the fdatasync runs reports it and is 
   t.same(readLog(dir).recs, [...records(1, 3), record(4, 2)])
 })
 
+t.test('appendStats: appends counted once durable, with their records and bytes, and the time of the latest 1,024', async t => {
+  const { ff, store, file } = faultyStore(t, 2)
+  const busy = (ms: number): void => { const until = performance.now() + ms; while (performance.now() < until); }
+  t.match(store.log.appendStats(), { appends: 1, records: 2, bytes: fs.statSync(file).size }, 'the first append, two records')
+  ff.hooks.fdatasyncSync = (fd) => { busy(4); ff.real.fdatasyncSync(fd) }
+  for (let i = 3; i < 13; i++) store.append(batch([record(i)]))
+  let st = store.log.appendStats()
+  t.match(st, { appends: 11, records: 12 })
+  t.ok(st.syncMs !== null && st.syncMs.p50 >= 4 && st.syncMs.max >= st.syncMs.p99 && st.syncMs.p99 >= st.syncMs.p50, `slow fdatasyncs show: ${JSON.stringify(st.syncMs)}`)
+  // The time runs from the write to the fdatasync's end as the event loop sees it.
+  ff.hooks.fdatasync = (fd, cb) => { setTimeout(() => ff.real.fdatasync(fd, cb), 30) }
+  t.equal(await appendAsync(store, records(13, 15)), null)
+  st = store.log.appendStats()
+  t.match(st, { appends: 12, records: 15, bytes: fs.statSync(file).size })
+  t.ok(st.syncMs !== null && st.syncMs.max >= 29, `an appendAsync counts its wait: max ${st.syncMs?.max} ms`)
+  // Neither a failed write nor one the log let go of while it ran counts.
+  let release: () => void = () => {}
+  ff.hooks.fdatasync = (fd, cb) => { release = () => ff.real.fdatasync(fd, cb) }
+  const done = appendAsync(store, [record(16)])
+  store.log.truncateAfter(15)
+  release()
+  t.match(await done, { code: 'UNAVAILABLE' })
+  t.match(store.log.appendStats(), { appends: 12, records: 15 }, 'the append let go of is not counted')
+  // Only the latest 1,024 make the times: after 1,024 instant ones, the slow ones are gone.
+  ff.hooks.fdatasyncSync = () => {}
+  for (let i = 16; i < 16 + 1024; i++) store.append(batch([record(i)]))
+  st = store.log.appendStats()
+  t.match(st, { appends: 12 + 1024, records: 15 + 1024, bytes: fs.statSync(file).size })
+  t.ok(st.syncMs !== null && st.syncMs.max < 4, `the slow ones left the window: max ${st.syncMs?.max} ms`)
+  store.close()
+})
+
 // ---- preallocation ------------------------------------------------------------------------
 
 const prealloc = 4096

@@ -31,6 +31,8 @@ Digest marks: = same as the primary's, ~ differs but at another index (lagging),
 QUOTA: how much of its quota (--quota-mb) the member's state holds.
 FULLEST MAILBOX: the mailbox that holds the most on the member, and how much of the mailbox
 quota (--mailbox-quota-mb) that is; at 100% sends to it are refused (MAILBOX_FULL).
+SYNC P99: of the member's latest 1,024 log appends, the 99th percentile of the time from the
+write to the end of its fdatasync (status log.syncMs): a member with a slow disk stands out.
 `
 
 export interface StatusFlags { addrs: string[], watch: boolean, intervalMs: number, json: boolean, help: boolean }
@@ -88,6 +90,7 @@ export interface Status {
   quota?: number
   mailboxQuota?: number
   fullestMailbox?: { user: string, bytes: number } | null
+  log?: { appends: number, records: number, bytes: number, syncMs: { p50: number, p99: number, max: number } | null }
   [field: string]: unknown
 }
 
@@ -230,6 +233,11 @@ function mailboxCell (s: Status): string {
   return `${Math.floor(f.bytes / s.mailboxQuota * 100)}% ${f.user}`
 }
 
+function syncCell (s: Status): string {
+  const ms = s.log?.syncMs?.p99
+  return typeof ms === 'number' ? `${ms < 10 ? ms.toFixed(2) : Math.round(ms)} ms` : '-'
+}
+
 function chainText (chain: unknown): string {
   return Array.isArray(chain) && chain.length > 0 ? chain.join(' -> ') : '(empty)'
 }
@@ -254,16 +262,16 @@ function digestCell (s: Status, primary: Status | null): string {
 
 // The table, the chain summary and one line per problem; pure, for tests.
 export function formatReport (r: Report): string {
-  const rows = [['MEMBER', 'ROLE', 'EPOCH', 'INDEX', 'LAG', 'DIGEST', 'CLIENTS', 'UPTIME', 'STORAGE', 'QUOTA', 'FULLEST MAILBOX']]
+  const rows = [['MEMBER', 'ROLE', 'EPOCH', 'INDEX', 'LAG', 'DIGEST', 'CLIENTS', 'UPTIME', 'STORAGE', 'QUOTA', 'FULLEST MAILBOX', 'SYNC P99']]
   for (const p of r.members) {
     const s = p.status
     if (!s) {
-      rows.push([p.member, 'unreachable', '-', '-', '-', '-', '-', '-', '-', '-', '-'])
+      rows.push([p.member, 'unreachable', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-'])
       continue
     }
     const lag = r.primary && s !== r.primary && typeof s.index === 'number' ? String(r.primary.index - s.index) : '-'
     const uptime = typeof s.uptimeMs === 'number' ? formatUptime(s.uptimeMs) : '-'
-    rows.push([p.member, s.role, String(s.epoch ?? '-'), String(s.index ?? '-'), lag, digestCell(s, r.primary), String(s.clients ?? '-'), uptime, String(s.storage ?? '-'), quotaCell(s), mailboxCell(s)])
+    rows.push([p.member, s.role, String(s.epoch ?? '-'), String(s.index ?? '-'), lag, digestCell(s, r.primary), String(s.clients ?? '-'), uptime, String(s.storage ?? '-'), quotaCell(s), mailboxCell(s), syncCell(s)])
   }
   const widths = rows[0].map((_, c) => Math.max(...rows.map(row => row[c].length)))
   const lines = rows.map(row => row.map((cell, c) => cell.padEnd(widths[c])).join('  ').trimEnd())

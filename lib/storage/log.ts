@@ -92,6 +92,21 @@ function allZero (buf: Buffer, from: number): boolean {
   return true
 }
 
+// What status reports of a log's appends (protocol.md, "Status", `log`): the appends made
+// durable since the server started, the records and bytes they held, and the time from each
+// append's write to the end of its fdatasync, as the event loop saw it, over the latest
+// syncWindow appends (null before the first). The time the records waited for the disk: under
+// load it includes the thread pool's hand-back and the event loop's turn, which the records
+// wait for too.
+export interface AppendStats {
+  appends: number
+  records: number
+  bytes: number
+  syncMs: { p50: number, p99: number, max: number } | null
+}
+
+const syncWindow = 1024
+
 export class SegmentLog {
   private segments: Segment[] = []
   private fd = -1
@@ -100,6 +115,10 @@ export class SegmentLog {
   private syncing = false // an appendAsync's fdatasync is running
   private generation = 0 // bumped whenever the open file descriptor is let go
   lastIndex = 0
+  private appends = 0 // since the start; see AppendStats
+  private recordsAppended = 0
+  private bytesAppended = 0
+  private readonly syncTimes = new Float64Array(syncWindow) // ms, a ring: the latest at appends - 1
 
   private allocated = 0 // bytes in the open segment's file: size plus zeros ahead of it
   private preallocating: boolean
@@ -216,13 +235,14 @@ export class SegmentLog {
   // log stays usable; after a failed fsync the page cache is in an unknown state, so the log
   // refuses every later append (the member must recover from disk or from its peers).
   append (frames: Buffer, lastIndexAfter: number): void {
+    const started = performance.now()
     const before = this.write(frames)
     try {
       this.files.fdatasyncSync(this.fd)
     } catch (e) {
       throw this.syncFailed(e, this.fd, before)
     }
-    this.durable(frames.length, lastIndexAfter)
+    this.durable(frames.length, lastIndexAfter, started)
   }
 
   // The same, with the fdatasync run off the event loop (in libuv's thread pool), so the server
@@ -233,6 +253,7 @@ export class SegmentLog {
   // truncating or resetting it, or close()), `done` gets an error and the log is not failed.
   appendAsync (frames: Buffer, lastIndexAfter: number, done: (err: ChatError | null) => void): void {
     if (this.syncing) throw new Error('appendAsync: an append is already in flight')
+    const started = performance.now()
     const before = this.write(frames)
     const fd = this.fd
     const generation = this.generation
@@ -247,7 +268,7 @@ export class SegmentLog {
         done(this.syncFailed(e, fd, before))
         return
       }
-      this.durable(frames.length, lastIndexAfter)
+      this.durable(frames.length, lastIndexAfter, started)
       done(null)
     })
   }
@@ -304,8 +325,12 @@ export class SegmentLog {
     return this.failure
   }
 
-  private durable (bytes: number, lastIndexAfter: number): void {
+  private durable (bytes: number, lastIndexAfter: number, started: number): void {
     this.size += bytes
+    this.syncTimes[this.appends % syncWindow] = performance.now() - started
+    this.appends++
+    this.recordsAppended += lastIndexAfter - this.lastIndex
+    this.bytesAppended += bytes
     this.lastIndex = lastIndexAfter
     noteDurable(this.dir, this.segments[this.segments.length - 1].file, this.size)
   }
@@ -377,6 +402,17 @@ export class SegmentLog {
   }
 
   get failed (): ChatError | null { return this.failure }
+
+  appendStats (): AppendStats {
+    const n = Math.min(this.appends, syncWindow)
+    let syncMs: AppendStats['syncMs'] = null
+    if (n > 0) {
+      const t = this.syncTimes.slice(0, n).sort()
+      const at = (p: number): number => Math.round(t[Math.min(n - 1, Math.ceil(n * p / 100) - 1)] * 1000) / 1000
+      syncMs = { p50: at(50), p99: at(99), max: at(100) }
+    }
+    return { appends: this.appends, records: this.recordsAppended, bytes: this.bytesAppended, syncMs }
+  }
   get currentSegmentBytes (): number { return this.size }
 
   // The open segment is full: start a new one. If that fails, appends go on into this one (the
