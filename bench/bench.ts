@@ -45,7 +45,7 @@ import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ChatClient } from '../lib/client.ts'
 import { encodeRecordFrame } from '../lib/storage/framing.ts'
-import { segmentName } from '../lib/storage/log.ts'
+import { segmentName, type AppendStats } from '../lib/storage/log.ts'
 import { limits } from '../lib/limits.ts'
 import type { RegisterRecord, SendRecord } from '../lib/records.ts'
 import { connectAll, runLoad, type LoadSpec, type LoadResult, type Pair } from './load.ts'
@@ -313,8 +313,7 @@ interface LevelResult {
 // What the server's status says of its log's appends (protocol.md, "Status", `log`), taken
 // before and after a level: the records per append in between, and the times of the latest
 // 1,024 appends at the end (at 64 clients, the last second or two of the level).
-interface AppendStats { appends: number, records: number, syncMs: { p50: number, p99: number } | null }
-interface LevelLog { recordsPerAppend: number, syncMs: { p50: number, p99: number } | null }
+interface LevelLog { recordsPerAppend: number, syncMs: AppendStats['syncMs'] }
 
 async function appendStats (addr: string): Promise<AppendStats | null> {
   const st = await statusOf(addr)

@@ -230,10 +230,7 @@ export class ChatClient extends EventEmitter {
   private lost (reason: string): void {
     if (this.closedByUser) return
     if (!this.failover) {
-      for (const p of this.pending.values()) {
-        p.reject(new ConnectionLostError())
-      }
-      this.pending.clear()
+      this.failPending()
       this.emit('close')
       return
     }
@@ -260,10 +257,7 @@ export class ChatClient extends EventEmitter {
           await this.findPrimary()
         } catch (e) {
           this.reconnecting = null
-          for (const p of this.pending.values()) {
-            p.reject(new ConnectionLostError(`no primary reachable: ${(e as Error).message}`))
-          }
-          this.pending.clear()
+          this.failPending(`no primary reachable: ${(e as Error).message}`)
           this.closedByUser = true
           if (this.livenessTimer) clearInterval(this.livenessTimer)
           this.emit('close')
@@ -354,6 +348,12 @@ export class ChatClient extends EventEmitter {
     })
   }
 
+  // Fail every pending request with ConnectionLostError(message): their replies will not come.
+  private failPending (message?: string): void {
+    for (const p of this.pending.values()) p.reject(new ConnectionLostError(message))
+    this.pending.clear()
+  }
+
   private get timeoutMs (): number { return this.opts.requestTimeoutMs ?? 30_000 }
 
   // Requests are pending in the order they were made, all with the same timeout, so the first
@@ -425,10 +425,7 @@ export class ChatClient extends EventEmitter {
     this.deadlineTimer = null
     const s = this.socket
     this.socket = null
-    for (const p of this.pending.values()) {
-      p.reject(new ConnectionLostError('client closed'))
-    }
-    this.pending.clear()
+    this.failPending('client closed')
     s?.destroy()
     this.emit('close')
   }

@@ -8,6 +8,7 @@
 import net from 'node:net'
 import { parseArgs } from 'node:util'
 import { UsageError, flagsOrExit } from '../config.ts'
+import type { AppendStats } from '../storage/log.ts'
 
 const timeoutMs = 1000 // per member: connect, ask, read the reply
 const maxMembers = 64 // stop discovering after this many (a chain is a handful)
@@ -90,7 +91,7 @@ export interface Status {
   quota?: number
   mailboxQuota?: number
   fullestMailbox?: { user: string, bytes: number } | null
-  log?: { appends: number, records: number, bytes: number, syncMs: { p50: number, p99: number, max: number } | null }
+  log?: AppendStats
   [field: string]: unknown
 }
 

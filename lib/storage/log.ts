@@ -413,6 +413,7 @@ export class SegmentLog {
     }
     return { appends: this.appends, records: this.recordsAppended, bytes: this.bytesAppended, syncMs }
   }
+
   get currentSegmentBytes (): number { return this.size }
 
   // The open segment is full: start a new one. If that fails, appends go on into this one (the
