@@ -9,6 +9,8 @@ import { SegmentLog, CorruptLogError, segmentName } from '../lib/storage/log.ts'
 import { ParallelChecksums, ChecksumRecheck } from '../lib/storage/checksums.ts'
 import { realFiles } from '../lib/storage/files.ts'
 import { limits } from '../lib/limits.ts'
+import { encodeRecordFrame } from '../lib/storage/framing.ts'
+import type { LogRecord } from '../lib/records.ts'
 import { tempDir, records, batch, frameSpans, thrown, stateView } from './helpers/storage.ts'
 
 const n = 301 // records 1..301 of the helpers' history, in segments of about 2 KiB; the last a send
@@ -27,12 +29,12 @@ function writeLog (t: Test): { dir: string, segments: string[] } {
 interface Outcome { error?: string, view?: Record<string, unknown>, truncatedBytes?: number, files: Record<string, number>, warnings: string[] }
 
 // Recover a copy of dir, checking the checksums on the helper thread or inline; what came of it,
-// with the copy's path taken out of messages.
-function recoverCopy (t: Test, dir: string, parallel: boolean): Outcome {
+// with the copy's path taken out of messages. readBytes: the helper's read size.
+function recoverCopy (t: Test, dir: string, parallel: boolean, readBytes?: number): Outcome {
   const copy = tempDir(t, parallel ? 'crc-parallel' : 'crc-inline')
   fs.cpSync(dir, copy, { recursive: true })
   const warnings: string[] = []
-  const store = new Store({ dir: copy, parallelChecksumBytes: parallel ? 0 : Number.MAX_SAFE_INTEGER, warn: (msg, fields) => { warnings.push(`${msg} ${JSON.stringify(fields ?? {})}`.replaceAll(copy, 'DIR')) } })
+  const store = new Store({ dir: copy, parallelChecksumBytes: parallel ? 0 : Number.MAX_SAFE_INTEGER, helperReadBytes: readBytes, warn: (msg, fields) => { warnings.push(`${msg} ${JSON.stringify(fields ?? {})}`.replaceAll(copy, 'DIR')) } })
   const out: Outcome = { files: {}, warnings }
   try {
     const r = store.recover()
@@ -50,10 +52,17 @@ function recoverCopy (t: Test, dir: string, parallel: boolean): Outcome {
 const rechecked = (o: Outcome): boolean => o.warnings.some(w => w.startsWith('recovering again with the log checksums checked inline'))
 
 // Parallel and inline recovery of dir end the same; whether the parallel one had to recheck.
+// The parallel one runs twice: with the helper's reads of 1 MiB, which take in a whole test
+// segment at once, and of 13 bytes, so that decoding catches up with the helper again and again,
+// mid-header and mid-payload, and waits for it there.
 function sameBothWays (t: Test, dir: string, what: string): { parallel: Outcome, inline: Outcome } {
   const inline = recoverCopy(t, dir, false)
   const parallel = recoverCopy(t, dir, true)
-  t.same({ ...parallel, warnings: parallel.warnings.filter(w => !w.startsWith('recovering again')) }, inline, `${what}: the same outcome`)
+  const trickle = recoverCopy(t, dir, true, 13)
+  const apart = (o: Outcome): Outcome => ({ ...o, warnings: o.warnings.filter(w => !w.startsWith('recovering again')) })
+  t.same(apart(parallel), inline, `${what}: the same outcome`)
+  t.same(apart(trickle), inline, `${what}: the same outcome, read 13 bytes at a time`)
+  t.equal(rechecked(trickle), rechecked(parallel), `${what}: rechecked the same, read 13 bytes at a time`)
   return { parallel, inline }
 }
 
@@ -132,6 +141,60 @@ t.test('the last record torn at every third byte, or damaged: truncated as inlin
   t.ok(rechecked(parallel), 'decoding took the damaged record; the helper did not vouch for it')
 })
 
+t.test('a frame whose length starts with a zero byte, and a preallocated tail of zeros, read in a trickle: as inline', async t => {
+  // Recovery takes a zero byte where a frame starts for the start of preallocated space and looks
+  // for a non-zero byte after it. Decoding right behind the helper, it must not take the bytes not
+  // yet read (zeros, in fresh memory) for that space.
+  const dir = tempDir(t, 'crc')
+  const store = new Store({ dir, preallocateBytes: 64 * 1024, snapshotEveryRecords: Number.MAX_SAFE_INTEGER, snapshotEveryBytes: Number.MAX_SAFE_INTEGER })
+  store.recover()
+  const head = records(1, 4)
+  const send = (i: number, text: string): LogRecord => ({ op: 'send', from: 'alice', to: 'bob', text, rk: `alice\u0000z${i}`, i, e: 0, ts: 1_700_000_000_000 + i })
+  let text = 'x'
+  while (encodeRecordFrame(send(5, text)).length - 8 < 512) text += 'x'
+  store.append(batch([...head, send(5, text), send(6, 'after it'), ...records(7, 9)]))
+  store.close()
+  const file = path.join(dir, segmentName(1))
+  const buf = fs.readFileSync(file)
+  const span = frameSpans(buf)[4]
+  t.equal(buf.readUInt32LE(span.start), 512, 'the fifth frame is 512 bytes long')
+  t.equal(buf[span.start], 0, 'so its first byte is a zero')
+  t.ok(buf.length >= frameSpans(buf).at(-1)!.end + 60 * 1024, 'zeros after the records')
+  const { parallel } = sameBothWays(t, dir, 'zero-led length, preallocated tail')
+  t.equal((parallel.view as { index: number }).index, 9, 'every record')
+  t.equal(parallel.truncatedBytes, 0)
+  // Not all zeros after all: a stray byte at the very end, beyond 60 KiB of them.
+  const stray = Buffer.from(buf)
+  stray[stray.length - 1] = 0x5a
+  fs.writeFileSync(file, stray)
+  const after = sameBothWays(t, dir, 'a stray byte at the end of the zeros').parallel
+  t.equal((after.view as { index: number }).index, 9, 'every record')
+  t.equal(after.truncatedBytes, stray.length - frameSpans(stray).at(-1)!.end, 'the zeros and the stray byte cut off as a torn tail')
+})
+
+t.test('sends read in a trickle: decoding waits for each frame in whole', async t => {
+  // Five segments of 200 binary sends each, read 13 bytes at a time. Decoding, much faster than
+  // such a helper, catches up with it again and again, inside frames. A send is decoded on this
+  // thread without its checksum: one taken from a frame only partly read would have zeros in its
+  // names or exactly-once key, which make up most of these frames (names of 32 characters, keys
+  // of 64, texts of 1).
+  const dir = tempDir(t, 'crc')
+  const store = new Store({ dir, segmentBytes: 128, snapshotEveryRecords: Number.MAX_SAFE_INTEGER, snapshotEveryBytes: Number.MAX_SAFE_INTEGER })
+  store.recover()
+  const names = ['a'.repeat(31) + '1', 'b'.repeat(31) + '2']
+  const head = (i: number): { i: number, e: number, ts: number } => ({ i, e: 0, ts: 1_700_000_000_000 + i })
+  store.append(batch(names.map((user, k) => ({ ...head(k + 1), op: 'register', user, salt: 'salt', hash: 'hash' }))))
+  for (let i = 3; i <= 1002; i += 200) {
+    const sends: LogRecord[] = []
+    for (let j = i; j < i + 200; j++) sends.push({ ...head(j), op: 'send', from: names[j % 2], to: names[1 - j % 2], text: String(j % 10), rk: `${names[j % 2]}\u0000${String(j).padStart(31, 'k')}` })
+    store.append(batch(sends))
+  }
+  store.close()
+  t.equal(fs.readdirSync(dir).filter(f => f.endsWith('.wal')).length, 6, 'the registrations, and five segments of sends')
+  const { parallel } = sameBothWays(t, dir, 'sends')
+  t.equal((parallel.view as { index: number }).index, 1002, 'every record')
+})
+
 t.test('the helper: a file it cannot read, or that is not what recovery read, means checking again', async t => {
   const dir = tempDir(t, 'crc')
   const file = path.join(dir, segmentName(1))
@@ -143,10 +206,20 @@ t.test('the helper: a file it cannot read, or that is not what recovery read, me
   t.type(thrown(() => check.confirm(0, size, size, true)), ChecksumRecheck, 'a frame used where the helper found none')
   t.match(thrown(() => check.confirm(0, size + 1, size)), { message: /could not read .* as recovery did/ }, 'another length')
   t.match(thrown(() => check.confirm(1, 0, 0)), { message: /could not read/ }, 'a missing file')
+  // The memory the helper reads the file into: handed over once, and whole once readTo says so.
+  const memory = check.take(0)
+  t.equal(check.readTo(0, 1), size, 'read to the end')
+  t.same(memory, fs.readFileSync(file), 'the file, as read')
+  t.type(thrown(() => check.take(0)), ChecksumRecheck, 'handed over once')
+  t.match(thrown(() => check.readTo(1, 1)), { message: /could not read .*missing\.wal/ }, 'no bytes from a missing file')
   const slow = new ParallelChecksums([file], limits.recordBytesMax, 0)
   t.teardown(() => slow.close())
   const e = thrown(() => slow.confirm(0, size, size))
   t.ok(e === undefined || (e instanceof ChecksumRecheck && /no report/.test(e.message)), 'no report in time: check again (or it was quick)')
+  const slowRead = new ParallelChecksums([file], limits.recordBytesMax, 0)
+  t.teardown(() => slowRead.close())
+  const r = thrown(() => slowRead.readTo(0, size))
+  t.ok(r === undefined || (r instanceof ChecksumRecheck && /no word/.test(r.message)), 'no bytes in time: check again (or it was quick)')
 })
 
 t.test('a log too small for the helper is checked inline', async t => {

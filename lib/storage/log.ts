@@ -54,6 +54,9 @@ export interface RecoverOptions {
   // Check the frames' checksums on a helper thread (checksums.ts) when the segments hold at
   // least this many bytes in all; inline by default.
   parallelChecksumBytes?: number
+  // How much the helper thread reads at a time (default 1 MiB; tests make it small, so that
+  // recovery catches up with it often).
+  helperReadBytes?: number
 }
 
 export interface RecoveryResult {
@@ -68,9 +71,9 @@ function isRecord (v: Record<string, unknown>): v is Record<string, unknown> & L
 }
 
 // The helper thread for `files`, or null (check inline) if no thread can be started.
-function startChecksums (files: string[]): ParallelChecksums | null {
+function startChecksums (files: string[], readBytes?: number): ParallelChecksums | null {
   try {
-    return new ParallelChecksums(files, limits.recordBytesMax)
+    return new ParallelChecksums(files, limits.recordBytesMax, undefined, readBytes)
   } catch {
     return null
   }
@@ -83,11 +86,15 @@ function frameFault (f: FrameResult): string | null {
 
 const zeros = Buffer.alloc(64 * 1024)
 
-// True if buf holds nothing but zeros from `from` on.
-function allZero (buf: Buffer, from: number): boolean {
-  for (let at = from; at < buf.length; at += zeros.length) {
-    const n = Math.min(zeros.length, buf.length - at)
+// True if buf holds nothing but zeros from `from` on. readTo(end): wait until buf holds its bytes
+// up to at least end (the helper thread may still be reading the file into it), and say how far
+// it does. Only the bytes read so far are looked at, and a non-zero one ends the look, so a frame
+// whose length starts with a zero byte does not wait for the rest of the file.
+function allZero (buf: Buffer, from: number, readTo: (end: number) => number): boolean {
+  for (let at = from; at < buf.length;) {
+    const n = Math.min(zeros.length, readTo(at + 1) - at)
     if (buf.compare(zeros, 0, n, at, at + n) !== 0) return false
+    at += n
   }
   return true
 }
@@ -151,7 +158,7 @@ export class SegmentLog {
     const files = this.segments.map(seg => seg.file)
     // The helper thread reads the files itself, so only with the real file system.
     const parallel = this.files === realFiles && opts.parallelChecksumBytes !== undefined && files.reduce((n, f) => n + fs.statSync(f).size, 0) >= opts.parallelChecksumBytes
-      ? startChecksums(files)
+      ? startChecksums(files, opts.helperReadBytes)
       : null
     this.checksumsInParallel = parallel !== null
     try {
@@ -169,12 +176,24 @@ export class SegmentLog {
       const seg = this.segments[k]
       const last = k === this.segments.length - 1
       if (prev !== null && seg.firstIndex !== prev + 1) throw new CorruptLogError(seg.file, 0, `segment starts at ${seg.firstIndex} but the previous one ends at ${prev}`)
-      const buf = this.files.readFileSync(seg.file)
+      // With the helper, it reads the file into buf while this loop decodes behind it, never
+      // past `read`, the bytes it has said are in.
+      const buf = parallel === null ? this.files.readFileSync(seg.file) : parallel.take(k)
+      let read = parallel === null ? buf.length : 0
+      const readTo = (end: number): number => {
+        if (end > read && read < buf.length && parallel !== null) read = parallel.readTo(k, Math.min(end, buf.length))
+        return read
+      }
       let off = 0
       let used = false // whether the frame at off has been handed on (an error came from it)
       try {
         while (off < buf.length) {
-          if (buf[off] === 0 && allZero(buf, off)) break // preallocated space
+          if (read < buf.length) {
+            // The frame at off, read in whole: its header, then as much as its length says.
+            readTo(off + 8)
+            if (off + 8 <= buf.length) readTo(off + 8 + Math.min(buf.readUInt32LE(off), limits.recordBytesMax))
+          }
+          if (buf[off] === 0 && allZero(buf, off, readTo)) break // preallocated space
           let f = decodeFrame(buf, off, limits.recordBytesMax, false, packSends, parallel === null)
           let why = frameFault(f)
           if (why !== null && parallel !== null) {

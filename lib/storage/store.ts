@@ -34,6 +34,8 @@ export interface StoreOptions {
   // Check the log's checksums on a helper thread during recovery once its segments hold this
   // many bytes (see checksums.ts); default limits.parallelChecksumBytes.
   parallelChecksumBytes?: number
+  // The helper thread's read size (see log.ts, RecoverOptions); tests make it small.
+  helperReadBytes?: number
   // How long a due background snapshot spends decoding a state's deferred mailboxes before it
   // waits for a later write (see maybeSnapshot); default 2 ms, and at least one chunk.
   warmSliceMs?: number
@@ -67,6 +69,7 @@ export class Store {
   private writing: { cancelled: boolean } | null = null // a snapshot being written in slices
   private readonly warmSliceMs: number
   private readonly parallelChecksumBytes: number
+  private readonly helperReadBytes: number | undefined
 
   constructor (opts: StoreOptions) {
     this.dir = opts.dir
@@ -79,6 +82,7 @@ export class Store {
     this.background = opts.backgroundSnapshots ?? false
     this.warmSliceMs = opts.warmSliceMs ?? 2
     this.parallelChecksumBytes = opts.parallelChecksumBytes ?? limits.parallelChecksumBytes
+    this.helperReadBytes = opts.helperReadBytes
     makeDirs(this.dir)
     this.log = new SegmentLog(this.dir, this.files, this.warn, opts.preallocateBytes ?? 0, opts.segmentBytes)
   }
@@ -113,7 +117,7 @@ export class Store {
         state.replay(r)
         replayed++
       } else unapplied.push('packed' in r ? unpackSend(r) : r)
-    }, { packSends: true, parallelChecksumBytes })
+    }, { packSends: true, parallelChecksumBytes, helperReadBytes: this.helperReadBytes })
     state.endReplay()
     this.bytesSinceSnapshot = this.log.currentSegmentBytes
     removeOldSnapshots(this.files, this.dir, this.snapshotIndex)
