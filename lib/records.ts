@@ -54,9 +54,9 @@ export interface NoopRecord extends RecordHeader {
 }
 
 // A send record as recovery reads it from the log (storage/framing.ts, decodeFrame's packSends):
-// the header, with the names and the text left in the segment's buffer, in the record's payload
-// at `start`, for the state to read from there (state.ts, ChatState.replay).
-export interface PackedSendRecord extends Omit<SendRecord, 'text' | 'from' | 'to'> {
+// the header, with the names, the exactly-once key and the text left in the segment's buffer, in
+// the record's payload at `start`, for the state to read from there (state.ts, ChatState.replay).
+export interface PackedSendRecord extends Omit<SendRecord, 'text' | 'from' | 'to' | 'rk'> {
   packed: Buffer
   start: number
 }

@@ -8,7 +8,7 @@ import type { LogRecord, PackedSendRecord } from './records.ts'
 import { limits } from './limits.ts'
 import { KeySlots } from './key-slots.ts'
 import type { ErrorCode } from './errors.ts'
-import { unpackMessages, unpackSend, packedSendMessage, sendNamesAt, sendFromBytes, sendToBytes, sendTextBytes, packedMessagesBytes } from './storage/framing.ts'
+import { unpackMessages, unpackSend, packedSendMessage, sendNamesAt, sendFromBytes, sendToBytes, sendKeyBytes, sendTextBytes, packedMessagesBytes } from './storage/framing.ts'
 
 export interface Message {
   id: number
@@ -740,9 +740,12 @@ export class ChatState {
     const buf = r.packed
     const fromAt = sendNamesAt(r.start)
     const fromBytes = sendFromBytes(buf, r.start)
+    const toBytes = sendToBytes(buf, r.start)
+    const keyAt = fromAt + fromBytes + toBytes
+    const keyBytes = sendKeyBytes(buf, r.start) // -1: none
     const from = this.accountNamed(buf, fromAt, fromBytes)
-    const to = this.accountNamed(buf, fromAt + fromBytes, sendToBytes(buf, r.start))
-    if (to === undefined || from === undefined || r.i !== this.index + 1 || (r.rk !== undefined && this.ridSlots.get(r.rk) >= 0)) {
+    const to = this.accountNamed(buf, fromAt + fromBytes, toBytes)
+    if (to === undefined || from === undefined || r.i !== this.index + 1 || (keyBytes >= 0 && this.ridSlots.getBytes(buf, keyAt, keyBytes) >= 0)) {
       this.apply(unpackSend(r)) // fails, or changes nothing, as apply says
       return
     }
@@ -768,8 +771,10 @@ export class ChatState {
     mailbox.addPacked(r.packed, r.start, from.name, r.i)
     const bytes = messageBytes(sendTextBytes(buf, r.start), fromBytes)
     this.addBytes(to, bytes)
-    if (r.rk !== undefined) {
-      const slot = this.rememberRid(r.rk, r.ts, null, bytes)
+    if (keyBytes >= 0) {
+      // The key stays in the log's buffer too, until the entry is evicted or its reply made.
+      const slot = this.ridSlot(r.ts, null, bytes, -1, -1)
+      this.ridSlots.setBytes(buf, keyAt, keyBytes, slot)
       const lanes = this.ridPackedLanes ??= { bufs: new Array<Buffer | null>(limits.ridsMax).fill(null), starts: new Array<number>(limits.ridsMax).fill(0), froms: new Array<string>(limits.ridsMax).fill(''), tos: new Array<string>(limits.ridsMax).fill('') }
       lanes.bufs[slot] = buf
       lanes.starts[slot] = r.start
@@ -935,27 +940,31 @@ export class ChatState {
   // Replay is over (Store.recover): let its cache go.
   endReplay (): void { this.nameCache = null }
 
-  // Add an entry to the exactly-once table; the slot it takes. A null reply is one replay left
-  // packed (its lanes filled in by the caller), and the entry's hash is left for later too: most
-  // entries replay adds are evicted before the end of the log, and would be hashed for nothing.
-  // Such an entry's lanes are -1 until ridReplyAt hashes it into the digest. bytes: what the
-  // reply counts toward storedBytes (replyBytes), until the entry is evicted.
-  private rememberRid (key: string, ts: number, reply: Reply | null, bytes: number): number {
+  // Add an entry to the exactly-once table; the slot it takes.
+  private rememberRid (key: string, ts: number, reply: Reply, bytes: number): number {
+    hashRid(key, ts, reply)
+    this.digestAcc.addLanes(hx, hy)
+    const slot = this.ridSlot(ts, reply, bytes, hx, hy)
+    this.ridSlots.set(key, slot)
+    return slot
+  }
+
+  // Take the slot of a new entry in the exactly-once table (evicting the oldest entry once the
+  // table is full) and fill it in but for its key, which the caller puts in ridSlots. x, y: the
+  // entry's digest lanes, already added to the digest. A null reply is one replay left packed
+  // (its lanes filled in by the caller), and the entry's hash is left for later too (x and y -1):
+  // most entries replay adds are evicted before the end of the log, and would be hashed for
+  // nothing. ridReplyAt hashes it into the digest. bytes: what the reply counts toward
+  // storedBytes (replyBytes), until the entry is evicted.
+  private ridSlot (ts: number, reply: Reply | null, bytes: number, x: number, y: number): number {
     this.stored += bytes
-    if (reply === null) {
-      hx = -1
-      hy = -1
-      this.ridPacked++
-    } else {
-      hashRid(key, ts, reply)
-      this.digestAcc.addLanes(hx, hy)
-    }
+    if (reply === null) this.ridPacked++
     let slot = this.ridTs.length
     if (slot < limits.ridsMax) {
       this.ridTs.push(ts)
       this.ridReplies.push(reply)
-      this.ridHx.push(hx)
-      this.ridHy.push(hy)
+      this.ridHx.push(x)
+      this.ridHy.push(y)
       this.ridBytes.push(bytes)
     } else { // full: the newest entry takes the oldest one's slot
       slot = this.ridStart
@@ -970,10 +979,9 @@ export class ChatState {
       this.ridBytes[slot] = bytes
       this.ridTs[slot] = ts
       this.ridReplies[slot] = reply
-      this.ridHx[slot] = hx
-      this.ridHy[slot] = hy
+      this.ridHx[slot] = x
+      this.ridHy[slot] = y
     }
-    this.ridSlots.set(key, slot)
     return slot
   }
 

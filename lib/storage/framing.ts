@@ -180,11 +180,8 @@ function decodeSend (buf: Buffer, start: number, end: number, packText = false):
   const i = buf.readDoubleLE(start + 1)
   const e = buf.readDoubleLE(start + 9)
   const ts = buf.readDoubleLE(start + 17)
+  if (packText) return { op: 'send', i, e, ts, packed: buf, start }
   let p = start + sendHeadBytes
-  if (packText) {
-    p += fromLen + toLen
-    return { op: 'send', rk: rkLen < 0 ? undefined : utf8Slice.call(buf, p, p + rkLen), i, e, ts, packed: buf, start }
-  }
   const from = utf8Slice.call(buf, p, p += fromLen)
   const to = utf8Slice.call(buf, p, p += toLen)
   const rk = rkLen < 0 ? undefined : utf8Slice.call(buf, p, p += rkLen)
@@ -194,15 +191,17 @@ function decodeSend (buf: Buffer, start: number, end: number, packText = false):
 
 // What a packed send record (PackedSendRecord) left in its buffer, read from the payload at
 // buf[start] (which decodeSend checked): where its names lie, the sender's from sendNamesAt,
-// sendFromBytes long, then the recipient's, sendToBytes long; and its text.
+// sendFromBytes long, then the recipient's, sendToBytes long; its exactly-once key's bytes right
+// after them, sendKeyBytes long (-1: none); and its text.
 export function sendNamesAt (start: number): number { return start + sendHeadBytes }
 export function sendFromBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 25) }
 export function sendToBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 27) }
+export function sendKeyBytes (buf: Buffer, start: number): number { return buf.readUInt16LE(start + 29) - 1 }
 
 export function sendTextBytes (buf: Buffer, start: number): number { return buf.readUInt32LE(start + 31) }
 
 function sendText (buf: Buffer, start: number): string {
-  const textAt = sendNamesAt(start) + sendFromBytes(buf, start) + sendToBytes(buf, start) + Math.max(buf.readUInt16LE(start + 29) - 1, 0)
+  const textAt = sendNamesAt(start) + sendFromBytes(buf, start) + sendToBytes(buf, start) + Math.max(sendKeyBytes(buf, start), 0)
   return utf8Slice.call(buf, textAt, textAt + sendTextBytes(buf, start))
 }
 
@@ -214,13 +213,15 @@ export function packedSendMessage (buf: Buffer, start: number, from: string, to:
 
 // A packed send record made whole again, as decodeSend would have made it.
 export function unpackSend (r: PackedSendRecord): SendRecord {
-  const { packed: buf, start, rk, i, e, ts } = r
+  const { packed: buf, start, i, e, ts } = r
   const text = sendText(buf, start)
   const fromAt = sendNamesAt(start)
   const toAt = fromAt + sendFromBytes(buf, start)
+  const keyAt = toAt + sendToBytes(buf, start)
+  const keyBytes = sendKeyBytes(buf, start)
   const from = utf8Slice.call(buf, fromAt, toAt)
-  const to = utf8Slice.call(buf, toAt, toAt + sendToBytes(buf, start))
-  return rk === undefined ? { op: 'send', from, to, text, i, e, ts } : { op: 'send', from, to, text, rk, i, e, ts }
+  const to = utf8Slice.call(buf, toAt, keyAt)
+  return keyBytes < 0 ? { op: 'send', from, to, text, i, e, ts } : { op: 'send', from, to, text, rk: utf8Slice.call(buf, keyAt, keyAt + keyBytes), i, e, ts }
 }
 
 // A snapshot chunk's frame: binary for a `messages` or `rids` chunk, JSON for the rest. A chunk
