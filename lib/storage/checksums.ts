@@ -34,10 +34,10 @@ const reachedAt = (slot: number): number => slots * slot
 const lengthAt = (slot: number): number => slots * slot + 1
 const readAt = (slot: number): number => slots * slot + 2
 
-// The thread's code: for each job { file, slot, max, memory }, read the file into memory (a
-// SharedArrayBuffer of the file's length), storing the bytes read after each read; walk the
-// frames read so far; at the end store the offset the walk reached and the file's length, then
-// wake the waiters.
+// The thread's code: for each job { file, slot, max, memory, from }, read the file into memory
+// (a SharedArrayBuffer of the file's length) from `from` on, storing the bytes read after each
+// read; walk the frames read so far; at the end store the offset the walk reached and the file's
+// length, then wake the waiters.
 const helperSource = `
 const { parentPort, workerData } = require('node:worker_threads')
 const fs = require('node:fs')
@@ -61,7 +61,7 @@ function publish (at, value) {
   Atomics.store(results, at, value)
   Atomics.notify(results, at)
 }
-parentPort.on('message', ({ file, slot, max, memory }) => {
+parentPort.on('message', ({ file, slot, max, memory, from }) => {
   const base = ${slots} * slot
   let reached = -2
   let length = -2
@@ -70,8 +70,8 @@ parentPort.on('message', ({ file, slot, max, memory }) => {
     const buf = Buffer.from(memory)
     fd = fs.openSync(file, 'r')
     if (fs.fstatSync(fd).size !== buf.length) throw new Error('not the length recovery expects')
-    let got = 0
-    let walked = { off: 0, over: false }
+    let got = from // the bytes before were read by the main thread
+    let walked = walk(buf, 0, got, max)
     while (got < buf.length) {
       const n = fs.readSync(fd, buf, got, Math.min(chunk, buf.length - got), got)
       if (n === 0) throw new Error('the file ended early')
@@ -90,6 +90,27 @@ parentPort.on('message', ({ file, slot, max, memory }) => {
   Atomics.notify(results, base + 2) // a reader waiting for bytes that will not come
 })
 `
+
+// Read up to `bytes` bytes of the start of file into memory; how many were read (0 if it could
+// not be read: the helper then reads it all, or says it cannot).
+function readHead (file: string, memory: SharedArrayBuffer, bytes: number): number {
+  const buf = Buffer.from(memory)
+  let fd = -1
+  let got = 0
+  try {
+    fd = fs.openSync(file, 'r')
+    while (got < Math.min(bytes, buf.length)) {
+      const n = fs.readSync(fd, buf, got, Math.min(bytes, buf.length) - got, got)
+      if (n === 0) break
+      got += n
+    }
+  } catch {
+    got = 0
+  } finally {
+    if (fd >= 0) fs.closeSync(fd)
+  }
+  return got
+}
 
 // Thrown by SegmentLog.recover when a frame it used did not match its CRC, or the helper could
 // not say: recover again with the checksums checked inline (see the top of this file).
@@ -110,6 +131,10 @@ export class ParallelChecksums {
   // waitMs: how long readTo and confirm wait for word of a segment before they give up on the
   // helper (it reads a gigabyte a second or so here; a helper that died never reports).
   // readBytes: how much the helper reads at a time, saying so after each read.
+  //
+  // The helper thread takes about 50 ms to start here, so this thread reads the first four reads'
+  // worth of the first segment itself meanwhile, for recovery to begin on at once, and the helper
+  // goes on from there (walking the frames from the start).
   constructor (private readonly files: readonly string[], max: number, private readonly waitMs = 30_000, readBytes = 1024 * 1024) {
     this.results = new Int32Array(new SharedArrayBuffer(4 * slots * Math.max(1, files.length))).fill(-1)
     this.memory = files.map(file => {
@@ -123,7 +148,9 @@ export class ParallelChecksums {
     this.worker = new Worker(helperSource, { eval: true, execArgv: [], workerData: { results: this.results.buffer, chunk: readBytes } })
     this.worker.unref()
     this.worker.on('error', () => {}) // a failure shows as a segment never reported: see readTo
-    files.forEach((file, slot) => this.worker.postMessage({ file, slot, max, memory: this.memory[slot] ?? new SharedArrayBuffer(0) }))
+    const head = this.memory.length > 0 && this.memory[0] !== null ? readHead(files[0], this.memory[0], 4 * readBytes) : 0
+    if (head > 0) this.results[readAt(0)] = head
+    files.forEach((file, slot) => this.worker.postMessage({ file, slot, max, memory: this.memory[slot] ?? new SharedArrayBuffer(0), from: slot === 0 ? head : 0 }))
   }
 
   // Segment `slot`'s memory, which the helper fills; the caller reads it only below readTo.
