@@ -33,6 +33,7 @@ export class KeySlots {
   // For a key kept as bytes: its buffer, and where in it the key lies; null for a string key.
   // Made with the first such key.
   private bytes: { bufs: Array<Buffer | null>, ats: Int32Array, lens: Int32Array } | null = null
+  private held = 0 // keys kept as bytes
   private readonly mask: number
   private count = 0
 
@@ -46,6 +47,9 @@ export class KeySlots {
   }
 
   get size (): number { return this.count }
+
+  // Keys kept as bytes, each holding on to its buffer.
+  get keysInBuffers (): number { return this.held }
 
   // The slot holding `key`, or -1.
   get (key: string): number {
@@ -87,6 +91,7 @@ export class KeySlots {
     bytes.bufs[slot] = buf
     bytes.ats[slot] = at
     bytes.lens[slot] = len
+    this.held++
   }
 
   private place (h: number, slot: number): void {
@@ -106,6 +111,7 @@ export class KeySlots {
       if (buf !== null) {
         this.keys[slot] = utf8Slice.call(buf, bytes.ats[slot], bytes.ats[slot] + bytes.lens[slot])
         bytes.bufs[slot] = null
+        this.held--
       }
     }
     return this.keys[slot]
@@ -150,7 +156,10 @@ export class KeySlots {
     }
     this.table[i] = 0
     this.keys[slot] = ''
-    if (this.bytes !== null) this.bytes.bufs[slot] = null
+    if (this.bytes !== null && this.bytes.bufs[slot] !== null) {
+      this.bytes.bufs[slot] = null
+      this.held--
+    }
     this.count--
   }
 

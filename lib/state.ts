@@ -674,7 +674,11 @@ export class ChatState {
       this.ridUnpackAt = end
       if (performance.now() >= until) break
     }
-    if (this.ridPacked === 0) this.ridPackedLanes = null
+    if (this.ridPacked === 0) {
+      this.ridPackedLanes = null
+      // Every key replay left in the log's buffers belongs to an entry whose reply it left packed.
+      assert.equal(this.ridSlots.keysInBuffers, 0, 'exactly-once keys still in the log\'s buffers')
+    }
     return this.ridPacked > 0
   }
 

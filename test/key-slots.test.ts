@@ -92,13 +92,16 @@ t.test('a key kept as bytes: told apart from keys that differ late or in length,
   const wide = Buffer.from('ü\u0000k')
   ks.setBytes(wide, 0, wide.length, 3) // not ASCII: kept as a string from the start
   t.same(['user0001\u0000AbC-10', 'user0001\u0000AbC-1', 'user0001\u0000AbC-2', 'ü\u0000k', 'user0001\u0000AbC-'].map(k => ks.get(k)), [0, 1, 2, 3, -1])
+  t.equal(ks.keysInBuffers, 2, 'the two ASCII keys given as bytes')
   t.equal(ks.getBytes(Buffer.from('user0001\u0000AbC-2'), 0, 14), 2, 'a string key found by its bytes')
   t.equal(ks.getBytes(Buffer.from('user0001\u0000AbC-3'), 0, 14), -1)
   t.equal(ks.getBytes(wide, 0, wide.length), 3)
   t.equal(ks.keyAt(1), 'user0001\u0000AbC-1')
+  t.equal(ks.keysInBuffers, 1, 'one made a string')
   buf.fill(0) // the buffer let go of: the key is a string now; slot 0 still reads the buffer
   t.equal(ks.get('user0001\u0000AbC-1'), 1, 'found as the string keyAt made')
   t.equal(ks.get('user0001\u0000AbC-10'), -1, 'slot 0 is still the bytes, which changed')
   ks.delete(0)
   t.equal(ks.size, 3)
+  t.equal(ks.keysInBuffers, 0, 'the other deleted')
 })
