@@ -49,7 +49,7 @@ function recoverCopy (t: Test, dir: string, parallel: boolean, readBytes?: numbe
   return out
 }
 
-const rechecked = (o: Outcome): boolean => o.warnings.some(w => w.startsWith('recovering again with the log checksums checked inline'))
+const rechecked = (o: Outcome): boolean => o.warnings.some(w => w.startsWith('recovering again with the checksums checked inline'))
 
 // Parallel and inline recovery of dir end the same; whether the parallel one had to recheck.
 // The parallel one runs twice: with the helper's reads of 1 MiB, which take in a whole test
@@ -195,6 +195,53 @@ t.test('sends read in a trickle: decoding waits for each frame in whole', async 
   t.equal((parallel.view as { index: number }).index, 1002, 'every record')
 })
 
+// A data directory holding a snapshot of records 1..200 of the helpers' history, and the log of
+// 201..301 after it; the snapshot's path.
+function writeSnapshotted (t: Test): { dir: string, snapshot: string } {
+  const dir = tempDir(t, 'crc-snap')
+  const store = new Store({ dir, segmentBytes: 2048, snapshotEveryRecords: Number.MAX_SAFE_INTEGER, snapshotEveryBytes: Number.MAX_SAFE_INTEGER })
+  const { state } = store.recover()
+  for (let i = 1; i <= 200; i++) {
+    const r = records(i, i)
+    store.append(batch(r))
+    state.apply(r[0])
+  }
+  store.snapshot(state)
+  for (let i = 201; i <= n; i += 3) store.append(batch(records(i, Math.min(n, i + 2))))
+  store.close()
+  const snapshot = fs.readdirSync(dir).filter(f => f.endsWith('.snap')).map(f => path.join(dir, f))
+  t.equal(snapshot.length, 1, 'one snapshot')
+  return { dir, snapshot: snapshot[0] }
+}
+
+t.test('a snapshot read on the helper thread: the same state as inline, clean or damaged in any frame', async t => {
+  const { dir, snapshot } = writeSnapshotted(t)
+  const clean = fs.readFileSync(snapshot)
+  const spans = frameSpans(clean)
+  t.ok(spans.length >= 5, `${spans.length} frames: head, state, accounts, messages, rids, end`)
+  t.equal(spans.at(-1)!.end, clean.length)
+  const { parallel } = sameBothWays(t, dir, 'clean snapshot')
+  t.equal((parallel.view as { index: number }).index, n, 'the snapshot and the log after it')
+  t.notOk(rechecked(parallel))
+  for (const [k, span] of spans.entries()) {
+    for (const [what, at, mask] of [['a payload byte', Math.floor((span.start + 8 + span.end) / 2), 0x02], ['the last byte', span.end - 1, 0x01], ['the length', span.start + 1, 0x01]] as const) {
+      const damaged = Buffer.from(clean)
+      damaged[at] ^= mask
+      fs.writeFileSync(snapshot, damaged)
+      const { parallel } = sameBothWays(t, dir, `frame ${k}, ${what}`)
+      t.match(parallel.error, /^CorruptSnapshotError: corrupt snapshot DIR\/snapshot-\d+\.snap at offset \d+/, `frame ${k}, ${what}: refused`)
+    }
+  }
+  for (const cut of [0, 5, spans[1].start, spans[2].start + 9, spans.at(-1)!.start, clean.length - 1]) {
+    fs.writeFileSync(snapshot, clean.subarray(0, cut))
+    const { parallel } = sameBothWays(t, dir, `cut at ${cut}`)
+    t.match(parallel.error, /^CorruptSnapshotError/, `cut at ${cut}: refused`)
+  }
+  fs.writeFileSync(snapshot, Buffer.concat([clean, clean.subarray(spans[1].start, spans[1].end)]))
+  t.match(sameBothWays(t, dir, 'a frame after the end').parallel.error, /data after the end/)
+  fs.writeFileSync(snapshot, clean)
+})
+
 t.test('the helper: a file it cannot read, or that is not what recovery read, means checking again', async t => {
   const dir = tempDir(t, 'crc')
   const file = path.join(dir, segmentName(1))
@@ -208,17 +255,18 @@ t.test('the helper: a file it cannot read, or that is not what recovery read, me
   t.match(thrown(() => check.confirm(1, 0, 0)), { message: /could not read/ }, 'a missing file')
   // The memory the helper reads the file into: handed over once, and whole once readTo says so.
   const memory = check.take(0)
-  t.equal(check.readTo(0, 1), size, 'read to the end')
-  t.same(memory, fs.readFileSync(file), 'the file, as read')
+  t.equal(memory.readTo(size), size, 'read to the end')
+  t.same(memory.buf, fs.readFileSync(file), 'the file, as read')
   t.type(thrown(() => check.take(0)), ChecksumRecheck, 'handed over once')
-  t.match(thrown(() => check.readTo(1, 1)), { message: /could not read .*missing\.wal/ }, 'no bytes from a missing file')
+  t.match(thrown(() => check.take(1)), { message: /could not read .*missing\.wal/ }, 'no memory for a missing file')
   const slow = new ParallelChecksums([file], limits.recordBytesMax, 0)
   t.teardown(() => slow.close())
   const e = thrown(() => slow.confirm(0, size, size))
   t.ok(e === undefined || (e instanceof ChecksumRecheck && /no report/.test(e.message)), 'no report in time: check again (or it was quick)')
-  const slowRead = new ParallelChecksums([file], limits.recordBytesMax, 0)
+  // Read a byte at a time (the first four by this thread): the rest does not come at once.
+  const slowRead = new ParallelChecksums([file], limits.recordBytesMax, 0, 1)
   t.teardown(() => slowRead.close())
-  const r = thrown(() => slowRead.readTo(0, size))
+  const r = thrown(() => slowRead.take(0).readTo(size))
   t.ok(r === undefined || (r instanceof ChecksumRecheck && /no word/.test(r.message)), 'no bytes in time: check again (or it was quick)')
 })
 

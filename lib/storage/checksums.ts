@@ -20,6 +20,10 @@
 // starts over with the checksums checked inline, from a fresh state: a record that failed its
 // CRC may already have been applied.
 //
+// A snapshot is read through the helper too, without the walk (max null): its chunks' checksums
+// are checked on the main thread as it decodes them, which is quick next to replaying a log (see
+// Store.loadSnapshot).
+//
 // The helper's code is plain JavaScript, so that the thread starts without a TypeScript loader.
 
 import { Worker } from 'node:worker_threads'
@@ -71,16 +75,16 @@ parentPort.on('message', ({ file, slot, max, memory, from }) => {
     fd = fs.openSync(file, 'r')
     if (fs.fstatSync(fd).size !== buf.length) throw new Error('not the length recovery expects')
     let got = from // the bytes before were read by the main thread
-    let walked = walk(buf, 0, got, max)
+    let walked = max === null ? { off: 0, over: true } : walk(buf, 0, got, max)
     while (got < buf.length) {
       const n = fs.readSync(fd, buf, got, Math.min(chunk, buf.length - got), got)
       if (n === 0) throw new Error('the file ended early')
       got += n
       publish(base + 2, got)
-      if (!walked.over) walked = walk(buf, walked.off, got, max)
+      if (max !== null && !walked.over) walked = walk(buf, walked.off, got, max)
     }
     length = got
-    reached = walked.off
+    reached = max === null ? got : walked.off
   } catch {
   } finally {
     if (fd >= 0) try { fs.closeSync(fd) } catch {}
@@ -112,11 +116,25 @@ function readHead (file: string, memory: SharedArrayBuffer, bytes: number): numb
   return got
 }
 
+// A file the helper reads: its memory, and how to wait for its bytes (ParallelChecksums.take).
+export interface HelperRead {
+  buf: Buffer
+  readTo: (end: number) => number
+}
+
+// Wait until the frame at buf[off] is read in whole: its header, then as much as its length says
+// (at most max). Reading on past a frame not yet whole would take the zeros of memory the helper
+// has not filled yet for its bytes.
+export function awaitFrame (buf: Buffer, off: number, max: number, readTo: (end: number) => number): void {
+  readTo(off + 8)
+  if (off + 8 <= buf.length) readTo(off + 8 + Math.min(buf.readUInt32LE(off), max))
+}
+
 // Thrown by SegmentLog.recover when a frame it used did not match its CRC, or the helper could
 // not say: recover again with the checksums checked inline (see the top of this file).
 export class ChecksumRecheck extends Error {
   constructor (why: string) {
-    super(`log checksums must be checked again inline: ${why}`)
+    super(`checksums must be checked again inline: ${why}`)
     this.name = 'ChecksumRecheck'
   }
 }
@@ -127,7 +145,9 @@ export class ParallelChecksums {
   private readonly memory: Array<SharedArrayBuffer | null>
 
   // files: the segments, in order; each is read and walked as soon as the thread is free, into
-  // memory of the length the file has now. max: the largest frame payload allowed.
+  // memory of the length the file has now. max: the largest frame payload allowed; null to read
+  // the files only, their checksums checked by the caller (a snapshot: see Store).
+  // Read only, the helper's report on a file is its length once it has read it whole.
   // waitMs: how long readTo and confirm wait for word of a segment before they give up on the
   // helper (it reads a gigabyte a second or so here; a helper that died never reports).
   // readBytes: how much the helper reads at a time, saying so after each read.
@@ -135,7 +155,7 @@ export class ParallelChecksums {
   // The helper thread takes about 50 ms to start here, so this thread reads the first four reads'
   // worth of the first segment itself meanwhile, for recovery to begin on at once, and the helper
   // goes on from there (walking the frames from the start).
-  constructor (private readonly files: readonly string[], max: number, private readonly waitMs = 30_000, readBytes = 1024 * 1024) {
+  constructor (private readonly files: readonly string[], max: number | null, private readonly waitMs = 30_000, readBytes = 1024 * 1024) {
     this.results = new Int32Array(new SharedArrayBuffer(4 * slots * Math.max(1, files.length))).fill(-1)
     this.memory = files.map(file => {
       try {
@@ -153,24 +173,30 @@ export class ParallelChecksums {
     files.forEach((file, slot) => this.worker.postMessage({ file, slot, max, memory: this.memory[slot] ?? new SharedArrayBuffer(0), from: slot === 0 ? head : 0 }))
   }
 
-  // Segment `slot`'s memory, which the helper fills; the caller reads it only below readTo.
-  // Handed over once: this object keeps no hold on it after.
-  take (slot: number): Buffer {
+  // Segment `slot`'s memory, which the helper fills, and readTo(end), which waits until the
+  // helper has read it up to end (or its end) and says how far it has: the caller reads the
+  // memory only below that. Handed over once: this object keeps no hold on it after. Throws
+  // ChecksumRecheck (readTo too) if the helper cannot read the file, stopped short of what is
+  // asked, or said nothing more within waitMs.
+  take (slot: number): HelperRead {
     const memory = this.memory[slot]
     this.memory[slot] = null
     if (memory === null) throw new ChecksumRecheck(`the helper could not read ${this.files[slot]} as recovery did`)
-    return Buffer.from(memory)
+    const buf = Buffer.from(memory)
+    let read = 0
+    const readTo = (end: number): number => {
+      if (end > read && read < buf.length) read = this.waitFor(slot, Math.min(end, buf.length))
+      return read
+    }
+    return { buf, readTo }
   }
 
-  // Wait until the helper has read segment `slot` up to `end` (or its end); the bytes read, at
-  // least that many. Throws ChecksumRecheck if the helper stopped short of it, or said nothing
-  // more within waitMs.
-  readTo (slot: number, end: number): number {
+  private waitFor (slot: number, end: number): number {
     for (;;) {
       const got = Atomics.load(this.results, readAt(slot))
       if (got >= end) return got
       if (Atomics.load(this.results, reachedAt(slot)) !== -1) throw new ChecksumRecheck(`the helper could not read ${this.files[slot]} as recovery did`)
-      if (Atomics.wait(this.results, readAt(slot), got, this.waitMs) === 'timed-out') throw new ChecksumRecheck(`no word on segment ${this.files[slot]} within ${this.waitMs} ms`)
+      if (Atomics.wait(this.results, readAt(slot), got, this.waitMs) === 'timed-out') throw new ChecksumRecheck(`no word on ${this.files[slot]} within ${this.waitMs} ms`)
     }
   }
 
@@ -189,5 +215,14 @@ export class ParallelChecksums {
 
   close (): void {
     void this.worker.terminate()
+  }
+}
+
+// A helper for `files` (see the constructor), or null (check inline) if no thread can be started.
+export function startChecksums (files: readonly string[], max: number | null, readBytes?: number): ParallelChecksums | null {
+  try {
+    return new ParallelChecksums(files, max, undefined, readBytes)
+  } catch {
+    return null
   }
 }

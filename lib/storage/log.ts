@@ -30,7 +30,7 @@ import { type FileOps, realFiles, writeAll, fsyncDir } from './files.ts'
 import { errors, ChatError } from '../errors.ts'
 import { limits } from '../limits.ts'
 import type { LogRecord, PackedSendRecord } from '../records.ts'
-import { ParallelChecksums, ChecksumRecheck } from './checksums.ts'
+import { type ParallelChecksums, ChecksumRecheck, awaitFrame, startChecksums, type HelperRead } from './checksums.ts'
 import { crashPoint, noteDurable } from '../fault-hooks.ts'
 
 const segmentPattern = /^log-(\d{20})\.wal$/
@@ -71,14 +71,6 @@ function isRecord (v: Record<string, unknown>): v is Record<string, unknown> & L
 }
 
 // The helper thread for `files`, or null (check inline) if no thread can be started.
-function startChecksums (files: string[], readBytes?: number): ParallelChecksums | null {
-  try {
-    return new ParallelChecksums(files, limits.recordBytesMax, undefined, readBytes)
-  } catch {
-    return null
-  }
-}
-
 // What makes a decoded frame unusable as a log record, or null.
 function frameFault (f: FrameResult): string | null {
   return f.kind === 'bad' ? f.why : f.kind === 'short' ? 'frame cut short' : isRecord(f.value) ? null : 'not a log record'
@@ -97,6 +89,11 @@ function allZero (buf: Buffer, from: number, readTo: (end: number) => number): b
     at += n
   }
   return true
+}
+
+// A file read whole: every byte is in.
+function whole (buf: Buffer): HelperRead {
+  return { buf, readTo: () => buf.length }
 }
 
 // What status reports of a log's appends (protocol.md, "Status", `log`): the appends made
@@ -158,7 +155,7 @@ export class SegmentLog {
     const files = this.segments.map(seg => seg.file)
     // The helper thread reads the files itself, so only with the real file system.
     const parallel = this.files === realFiles && opts.parallelChecksumBytes !== undefined && files.reduce((n, f) => n + fs.statSync(f).size, 0) >= opts.parallelChecksumBytes
-      ? startChecksums(files, opts.helperReadBytes)
+      ? startChecksums(files, limits.recordBytesMax, opts.helperReadBytes)
       : null
     this.checksumsInParallel = parallel !== null
     try {
@@ -177,22 +174,13 @@ export class SegmentLog {
       const last = k === this.segments.length - 1
       if (prev !== null && seg.firstIndex !== prev + 1) throw new CorruptLogError(seg.file, 0, `segment starts at ${seg.firstIndex} but the previous one ends at ${prev}`)
       // With the helper, it reads the file into buf while this loop decodes behind it, never
-      // past `read`, the bytes it has said are in.
-      const buf = parallel === null ? this.files.readFileSync(seg.file) : parallel.take(k)
-      let read = parallel === null ? buf.length : 0
-      const readTo = (end: number): number => {
-        if (end > read && read < buf.length && parallel !== null) read = parallel.readTo(k, Math.min(end, buf.length))
-        return read
-      }
+      // past what readTo says is in.
+      const { buf, readTo } = parallel === null ? whole(this.files.readFileSync(seg.file)) : parallel.take(k)
       let off = 0
       let used = false // whether the frame at off has been handed on (an error came from it)
       try {
         while (off < buf.length) {
-          if (read < buf.length) {
-            // The frame at off, read in whole: its header, then as much as its length says.
-            readTo(off + 8)
-            if (off + 8 <= buf.length) readTo(off + 8 + Math.min(buf.readUInt32LE(off), limits.recordBytesMax))
-          }
+          if (parallel !== null) awaitFrame(buf, off, limits.recordBytesMax, readTo)
           if (buf[off] === 0 && allZero(buf, off, readTo)) break // preallocated space
           let f = decodeFrame(buf, off, limits.recordBytesMax, false, packSends, parallel === null)
           let why = frameFault(f)

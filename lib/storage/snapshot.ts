@@ -10,6 +10,7 @@
 import path from 'node:path'
 import { encodeChunkFrame, decodeFrame, frameHeaderBytes } from './framing.ts'
 import { type FileOps, writeAll, fsyncDir } from './files.ts'
+import { awaitFrame, type HelperRead } from './checksums.ts'
 import { crashPoint } from '../fault-hooks.ts'
 import { limits } from '../limits.ts'
 import { encodeInPieces, type SnapshotChunk } from '../state.ts'
@@ -186,18 +187,22 @@ export function loadNewestSnapshot (files: FileOps, dir: string): LoadedSnapshot
 // (a missing end): the caller must consume it whole before trusting what it built.
 // With packMessages, binary messages chunks come checked but packed (see framing.ts), for
 // ChatState.fromSnapshotChunks to decode each mailbox when it is first used.
-export function openNewestSnapshot (files: FileOps, dir: string, packMessages = false): { index: number, file: string, bytes: number, chunks: Generator<Record<string, unknown>> } | null {
+// helper(file): the snapshot's memory as a helper thread reads it into it (checksums.ts), or null
+// to read it here first. With the helper, each chunk is checked and decoded as soon as it is in.
+export function openNewestSnapshot (files: FileOps, dir: string, packMessages = false, helper: (file: string) => HelperRead | null = () => null): { index: number, file: string, bytes: number, chunks: Generator<Record<string, unknown>> } | null {
   const all = listSnapshots(files, dir)
   if (all.length === 0) return null
   const { index, file } = all[all.length - 1]
-  const buf = files.readFileSync(file)
-  return { index, file, bytes: buf.length, chunks: readChunks(buf, file, index, packMessages) }
+  const helped = helper(file)
+  const buf = helped?.buf ?? files.readFileSync(file)
+  return { index, file, bytes: buf.length, chunks: readChunks(buf, file, index, packMessages, helped?.readTo ?? null) }
 }
 
-function * readChunks (buf: Buffer, file: string, index: number, packMessages: boolean): Generator<Record<string, unknown>> {
+function * readChunks (buf: Buffer, file: string, index: number, packMessages: boolean, readTo: ((end: number) => number) | null): Generator<Record<string, unknown>> {
   let off = 0
   let ended = false
   while (off < buf.length) {
+    if (readTo !== null) awaitFrame(buf, off, limits.snapshotFrameBytesMax, readTo)
     const f = decodeFrame(buf, off, limits.snapshotFrameBytesMax, packMessages)
     if (f.kind !== 'ok') throw new CorruptSnapshotError(file, off, f.kind === 'bad' ? f.why : 'frame cut short')
     const c = f.value
