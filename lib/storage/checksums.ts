@@ -29,7 +29,6 @@
 import { Worker } from 'node:worker_threads'
 import fs from 'node:fs'
 
-
 // Per segment, three Int32 slots of the shared results array: the walk's report, the file's
 // length as the helper found it, and the bytes read so far. -1: not yet; -2: the file could not
 // be read (whole, at the length recovery expects).

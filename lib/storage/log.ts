@@ -70,7 +70,6 @@ function isRecord (v: Record<string, unknown>): v is Record<string, unknown> & L
   return Number.isSafeInteger(v.i) && (v.i as number) > 0 && typeof v.op === 'string' && Number.isSafeInteger(v.e) && typeof v.ts === 'number'
 }
 
-// The helper thread for `files`, or null (check inline) if no thread can be started.
 // What makes a decoded frame unusable as a log record, or null.
 function frameFault (f: FrameResult): string | null {
   return f.kind === 'bad' ? f.why : f.kind === 'short' ? 'frame cut short' : isRecord(f.value) ? null : 'not a log record'

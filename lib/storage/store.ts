@@ -1,13 +1,13 @@
 // A server's data directory: the lock, the log, snapshots, and the policy that ties them
 // together (recover on open, snapshot every N records or M bytes, then drop the covered log).
 
+import fs from 'node:fs'
 import { ChatState } from '../state.ts'
 import type { LogRecord, PackedSendRecord } from '../records.ts'
 import { unpackSend } from './framing.ts'
 import { ChecksumRecheck, startChecksums, type ParallelChecksums, type HelperRead } from './checksums.ts'
 import { SegmentLog, type Warn } from './log.ts'
 import { writeSnapshot, writeSnapshotInSlices, openNewestSnapshot, removeOldSnapshots, oldSnapshots } from './snapshot.ts'
-import fs from 'node:fs'
 import { type FileOps, realFiles, makeDirs } from './files.ts'
 import { checkFormat } from './format.ts'
 import { limits } from '../limits.ts'
@@ -32,8 +32,9 @@ export interface StoreOptions {
   // Start a new log segment once the open one holds this many bytes (see log.ts); default
   // limits.logSegmentBytes.
   segmentBytes?: number
-  // Check the log's checksums on a helper thread during recovery once its segments hold this
-  // many bytes (see checksums.ts); default limits.parallelChecksumBytes.
+  // During recovery, read the log's segments and check their checksums on a helper thread once
+  // they hold this many bytes, and read a snapshot of this many bytes there too (see
+  // checksums.ts); default limits.parallelChecksumBytes.
   parallelChecksumBytes?: number
   // The helper thread's read size (see log.ts, RecoverOptions); tests make it small.
   helperReadBytes?: number
