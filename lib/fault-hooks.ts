@@ -10,6 +10,9 @@
 //   CHAINCHAT_TRACK_DURABLE=1         after every fsync of the log, record in <data>/DURABLE
 //                                     which segment file and how many bytes of it are durable
 //   CHAINCHAT_FAIL_FSYNC_AFTER=<n>    the fsync after the first n fsyncs of the log fails (EIO)
+//   CHAINCHAT_HELPER_READS=<bytes>    recovery reads the log and the snapshot on the helper
+//                                     thread (storage/checksums.ts) whatever their size, <bytes>
+//                                     at a time, so that decoding catches up with it often
 
 import fs from 'node:fs'
 import path from 'node:path'
@@ -28,6 +31,12 @@ export function crashPoint (point: CrashPoint): void {
 }
 
 export const trackDurable = process.env.CHAINCHAT_TRACK_DURABLE === '1'
+
+// The Store options CHAINCHAT_HELPER_READS sets (none without it).
+export function helperReads (): { parallelChecksumBytes: number, helperReadBytes: number } | Record<string, never> {
+  const bytes = Number(process.env.CHAINCHAT_HELPER_READS ?? '')
+  return Number.isSafeInteger(bytes) && bytes > 0 ? { parallelChecksumBytes: 0, helperReadBytes: bytes } : {}
+}
 
 const durableFds = new Map<string, number>()
 

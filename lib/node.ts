@@ -18,7 +18,7 @@ import type { LogFn } from './logger.ts'
 import type { FileOps } from './storage/files.ts'
 import { MetaStore } from './replication/meta.ts'
 import { ChainNode } from './replication/chain-node.ts'
-import { withFsyncFailure } from './fault-hooks.ts'
+import { withFsyncFailure, helperReads } from './fault-hooks.ts'
 import { realFiles } from './storage/files.ts'
 
 export interface RunningNode {
@@ -80,7 +80,8 @@ export async function startNode (config: Config, opts: NodeOptions): Promise<Run
       snapshotGrowthPercent: config.snapshotGrowthPercent,
       segmentBytes: config.segmentBytes,
       backgroundSnapshots: true,
-      preallocateBytes: limits.logPreallocateBytes
+      preallocateBytes: limits.logPreallocateBytes,
+      ...helperReads()
     })
     // A chain member applies only what it knows was committed; the rest waits for the chain.
     if (config.peers !== null || config.join !== null) meta = new MetaStore(dir, opts.files).load()

@@ -29,22 +29,25 @@ async function digest (port: number): Promise<string> {
   try { return (await c.status()).digest as string } finally { c.close() }
 }
 
-// Twice: with a small snapshot interval, so the crash also lands around snapshots and
-// compaction; and with no snapshot at all but small log segments, so it lands around segments
-// started for their size, and the restart replays a log of many segments.
-const setups: Array<{ name: string, args: string[], segments: boolean }> = [
+// Three times: with a small snapshot interval, so the crash also lands around snapshots and
+// compaction; with no snapshot at all but small log segments, so it lands around segments
+// started for their size, and the restart replays a log of many segments; and with every
+// recovery reading the log and the snapshot on the helper thread (storage/checksums.ts), 512
+// bytes at a time, so that decoding catches up with it inside frames, the last one torn.
+const setups: Array<{ name: string, args: string[], segments: boolean, env?: Record<string, string> }> = [
   { name: 'snapshots every 150 records', args: ['--snapshot-every-records', '150'], segments: false },
-  { name: 'no snapshots, 4 KiB log segments', args: ['--snapshot-every-records', '1000000', '--segment-bytes', '4096'], segments: true }
+  { name: 'no snapshots, 4 KiB log segments', args: ['--snapshot-every-records', '1000000', '--segment-bytes', '4096'], segments: true },
+  { name: 'read on the helper thread, 512 bytes at a time; snapshots every 300 records', args: ['--snapshot-every-records', '300', '--snapshot-growth-percent', '0'], segments: false, env: { CHAINCHAT_HELPER_READS: '512' } }
 ]
 
 for (const setup of setups) {
   t.test(`kill -9 during concurrent sends, then restart (${setup.name})`, async t => crashAndRestart(t, setup))
 }
 
-async function crashAndRestart (t: Test, opts: { args: string[], segments: boolean }): Promise<void> {
+async function crashAndRestart (t: Test, opts: { args: string[], segments: boolean, env?: Record<string, string> }): Promise<void> {
   const data = tmpDir(t, 'crash')
-  const args = opts.args
-  let s = await startServer(t, { data, args })
+  const { args, env } = opts
+  let s = await startServer(t, { data, args, env })
   const users = ['u0', 'u1', 'u2', 'u3']
   const setup = await ChatClient.connect({ port: s.port })
   for (const u of users) await setup.register(u, 'pw')
@@ -54,7 +57,7 @@ async function crashAndRestart (t: Test, opts: { args: string[], segments: boole
   const before = await digest(s.port)
   s.kill('SIGKILL')
   await s.exited
-  s = await startServer(t, { data, args })
+  s = await startServer(t, { data, args, env })
   t.equal(await digest(s.port), before, 'digest before the kill equals the digest after the restart')
 
   // Phase 2: 8 clients sending back to back; the server is killed mid-stream.
@@ -94,7 +97,8 @@ async function crashAndRestart (t: Test, opts: { args: string[], segments: boole
     t.ok(segments.length >= 10, `the log is in many segments (${segments.length})`)
     t.same(fs.readdirSync(data).filter(f => f.endsWith('.snap')), [], 'and no snapshot')
   }
-  s = await startServer(t, { data, args })
+  s = await startServer(t, { data, args, env })
+  if (env !== undefined) t.match(s.stderr(), /"msg":"recovered".*"checksums":"parallel"/, 'recovered through the helper thread')
   const seen = new Map<string, number>()
   for (const u of users) for (const m of await historyOf(s.port, u)) seen.set(m.text, (seen.get(m.text) ?? 0) + 1)
   const lost = acked.filter(o => seen.get(o.text) !== 1)
@@ -122,7 +126,7 @@ async function crashAndRestart (t: Test, opts: { args: string[], segments: boole
 
   const d = await digest(s.port)
   t.equal(await s.stop(), 0)
-  s = await startServer(t, { data, args })
+  s = await startServer(t, { data, args, env })
   t.equal(await digest(s.port), d, 'a clean restart keeps the digest')
   await s.stop()
 }

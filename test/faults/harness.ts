@@ -19,6 +19,7 @@ export interface RunOptions {
   switchUser?: 'login' | 'reconnect' // see WorkloadOptions
   snapshotEvery?: number // --snapshot-every-records for the servers, with no growth bound (default: the server's own policy)
   quotaMb?: number // --quota-mb for the servers (default: the server's own)
+  helperReads?: number // every recovery reads on the helper thread, this many bytes at a time (CHAINCHAT_HELPER_READS)
   t: Teardown
   log?: (line: string) => void
   historyFile?: string // write the whole history (JSON) here; by default only on anomalies, to a temp file
@@ -74,7 +75,7 @@ export async function runFaults (opts: RunOptions): Promise<RunResult> {
 
   // DURABLE notes let the nemesis cut a killed member's log back as a power loss would.
   const args = [...(opts.snapshotEvery ? ['--snapshot-every-records', String(opts.snapshotEvery), '--snapshot-growth-percent', '0'] : []), ...(opts.quotaMb ? ['--quota-mb', String(opts.quotaMb)] : [])]
-  const chain = await Chain.create(opts.t, { args, env: { CHAINCHAT_TRACK_DURABLE: '1' } })
+  const chain = await Chain.create(opts.t, { args, env: { CHAINCHAT_TRACK_DURABLE: '1', ...(opts.helperReads ? { CHAINCHAT_HELPER_READS: String(opts.helperReads) } : {}) } })
   await chain.startAll()
   await chain.waitConverged(3, 30_000)
   h.event('ready', `chain ${chain.servers.join(', ')} converged`)

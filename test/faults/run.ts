@@ -2,7 +2,7 @@
 //
 //   npm run test:faults -- [--seed N] [--duration SECONDS] [--clients N] [--runs K]
 //                          [--switch-user login|reconnect] [--snapshot-every N] [--quota-mb N]
-//                          [--history FILE] [--verbose]
+//                          [--helper-reads BYTES] [--history FILE] [--verbose]
 //
 // --seed      the seed of the first run (default: random, printed); the same seed gives the same
 //             fault schedule and workload plan
@@ -19,6 +19,10 @@
 // --quota-mb N
 //             the servers' quota (default: theirs); a small one keeps the state at its quota,
 //             so that sends refused with STORE_FULL are part of the run
+// --helper-reads BYTES
+//             every recovery of a member reads its log and snapshot on the helper thread
+//             (storage/checksums.ts), whatever their size, BYTES at a time, so that decoding
+//             catches up with it inside frames (default: the server's own threshold, 16 MiB)
 // --history   write the whole history of the (last) run to FILE as JSON
 // --verbose   print the fault schedule and the notes (non-anomalies worth knowing)
 //
@@ -39,6 +43,7 @@ const { values } = parseArgs({
     'switch-user': { type: 'string', default: 'login' },
     'snapshot-every': { type: 'string' },
     'quota-mb': { type: 'string' },
+    'helper-reads': { type: 'string' },
     verbose: { type: 'boolean', default: false }
   }
 })
@@ -58,6 +63,7 @@ const clients = int('clients', values.clients, 1, 64)
 const runs = int('runs', values.runs, 1, 1000)
 const snapshotEvery = values['snapshot-every'] === undefined ? undefined : int('snapshot-every', values['snapshot-every'], 1, 1e9)
 const quotaMb = values['quota-mb'] === undefined ? undefined : int('quota-mb', values['quota-mb'], 1, 1024 * 1024)
+const helperReads = values['helper-reads'] === undefined ? undefined : int('helper-reads', values['helper-reads'], 1, 64 * 1024 * 1024)
 const switchUser = values['switch-user']
 if (switchUser !== 'login' && switchUser !== 'reconnect') {
   console.error('--switch-user must be login or reconnect')
@@ -78,7 +84,7 @@ const results: RunResult[] = []
 for (let k = 0; k < runs; k++) {
   const s = (seed + k) >>> 0
   const log = (line: string): void => console.log(`[${new Date().toISOString().slice(11, 19)}] ${line}`)
-  const r = await runFaults({ seed: s, durationMs: durationS * 1000, clients, switchUser, snapshotEvery, quotaMb, t, log, historyFile: values.history })
+  const r = await runFaults({ seed: s, durationMs: durationS * 1000, clients, switchUser, snapshotEvery, quotaMb, helperReads, t, log, historyFile: values.history })
   await cleanup()
   results.push(r)
   if (values.verbose) {
