@@ -117,26 +117,17 @@ export class KeySlots {
     return this.keys[slot]
   }
 
-  // Whether the key kept as bytes in `slot` is `key` (ASCII, one code unit a byte).
+  // Whether the key kept as bytes in `slot` is `key`.
   private bytesAre (slot: number, key: string): boolean {
     const { bufs, ats, lens } = this.bytes!
-    const buf = bufs[slot]!
-    const at = ats[slot]
-    if (lens[slot] !== key.length) return false
-    for (let k = 0; k < key.length; k++) if (buf[at + k] !== key.charCodeAt(k)) return false
-    return true
+    return asciiIs(bufs[slot]!, ats[slot], lens[slot], key)
   }
 
   // Whether the key in `slot` has the ASCII bytes buf[at, at + len).
   private holdsBytes (slot: number, buf: Buffer, at: number, len: number): boolean {
     const bytes = this.bytes
     const own = bytes === null ? null : bytes.bufs[slot]
-    if (own === null) {
-      const key = this.keys[slot]
-      if (key.length !== len) return false
-      for (let k = 0; k < len; k++) if (buf[at + k] !== key.charCodeAt(k)) return false
-      return true
-    }
+    if (own === null) return asciiIs(buf, at, len, this.keys[slot])
     return bytes!.lens[slot] === len && own.compare(buf, at, at + len, bytes!.ats[slot], bytes!.ats[slot] + len) === 0
   }
 
@@ -201,6 +192,13 @@ export class KeySlots {
     this.lastAscii = all < 0x80
     return finish(h)
   }
+}
+
+// Whether the ASCII bytes buf[at, at + len) are `key` (one code unit a byte).
+function asciiIs (buf: Buffer, at: number, len: number, key: string): boolean {
+  if (key.length !== len) return false
+  for (let k = 0; k < len; k++) if (buf[at + k] !== key.charCodeAt(k)) return false
+  return true
 }
 
 function finish (h: number): number {

@@ -151,18 +151,15 @@ export class ParallelChecksums {
   // helper (it reads a gigabyte a second or so here; a helper that died never reports).
   // readBytes: how much the helper reads at a time, saying so after each read.
   //
+  // sizes: the files' lengths (null: it cannot be known), as fileSize gives them.
+  //
   // The helper thread takes about 50 ms to start here, so this thread reads the first four reads'
   // worth of the first segment itself meanwhile, for recovery to begin on at once, and the helper
   // goes on from there (walking the frames from the start).
-  constructor (private readonly files: readonly string[], max: number | null, private readonly waitMs = 30_000, readBytes = 1024 * 1024) {
+  constructor (private readonly files: readonly string[], max: number | null, private readonly waitMs = 30_000, readBytes = 1024 * 1024, sizes: ReadonlyArray<number | null> = files.map(fileSize)) {
     this.results = new Int32Array(new SharedArrayBuffer(4 * slots * Math.max(1, files.length))).fill(-1)
-    this.memory = files.map(file => {
-      try {
-        return new SharedArrayBuffer(fs.statSync(file).size)
-      } catch {
-        return null // the helper, unable to read it either, says so
-      }
-    })
+    // No memory for a file whose length is not known: the helper, unable to read it either, says so.
+    this.memory = sizes.map(size => size === null ? null : new SharedArrayBuffer(size))
     // execArgv []: none of this process's loaders (tsx), which the helper does not need.
     this.worker = new Worker(helperSource, { eval: true, execArgv: [], workerData: { results: this.results.buffer, chunk: readBytes } })
     this.worker.unref()
@@ -180,7 +177,7 @@ export class ParallelChecksums {
   take (slot: number): HelperRead {
     const memory = this.memory[slot]
     this.memory[slot] = null
-    if (memory === null) throw new ChecksumRecheck(`the helper could not read ${this.files[slot]} as recovery did`)
+    if (memory === null) throw this.unreadable(slot)
     const buf = Buffer.from(memory)
     let read = 0
     const readTo = (end: number): number => {
@@ -194,7 +191,7 @@ export class ParallelChecksums {
     for (;;) {
       const got = Atomics.load(this.results, readAt(slot))
       if (got >= end) return got
-      if (Atomics.load(this.results, reachedAt(slot)) !== -1) throw new ChecksumRecheck(`the helper could not read ${this.files[slot]} as recovery did`)
+      if (Atomics.load(this.results, reachedAt(slot)) !== -1) throw this.unreadable(slot)
       if (Atomics.wait(this.results, readAt(slot), got, this.waitMs) === 'timed-out') throw new ChecksumRecheck(`no word on ${this.files[slot]} within ${this.waitMs} ms`)
     }
   }
@@ -208,8 +205,12 @@ export class ParallelChecksums {
     if (Atomics.load(this.results, at) === -1) Atomics.wait(this.results, at, -1, this.waitMs)
     const reached = Atomics.load(this.results, at)
     if (reached === -1) throw new ChecksumRecheck(`no report on segment ${this.files[slot]} within ${this.waitMs} ms`)
-    if (reached === -2 || Atomics.load(this.results, lengthAt(slot)) !== length) throw new ChecksumRecheck(`the helper could not read ${this.files[slot]} as recovery did`)
+    if (reached === -2 || Atomics.load(this.results, lengthAt(slot)) !== length) throw this.unreadable(slot)
     if (reached < stop || (used && reached === stop)) throw new ChecksumRecheck(`a frame in ${this.files[slot]} at offset ${reached} does not match its checksum`)
+  }
+
+  private unreadable (slot: number): ChecksumRecheck {
+    return new ChecksumRecheck(`the helper could not read ${this.files[slot]} as recovery did`)
   }
 
   close (): void {
@@ -217,10 +218,22 @@ export class ParallelChecksums {
   }
 }
 
-// A helper for `files` (see the constructor), or null (check inline) if no thread can be started.
-export function startChecksums (files: readonly string[], max: number | null, readBytes?: number): ParallelChecksums | null {
+// A file's length, or null if it cannot be known.
+function fileSize (file: string): number | null {
   try {
-    return new ParallelChecksums(files, max, undefined, readBytes)
+    return fs.statSync(file).size
+  } catch {
+    return null
+  }
+}
+
+// A helper for `files` (see the constructor), or null (read and check inline) if they hold fewer
+// than atLeast bytes in all, or no thread can be started.
+export function startChecksums (files: readonly string[], max: number | null, opts: { atLeast: number, readBytes?: number }): ParallelChecksums | null {
+  const sizes = files.map(fileSize)
+  if (sizes.reduce<number>((n, size) => n + (size ?? 0), 0) < opts.atLeast) return null
+  try {
+    return new ParallelChecksums(files, max, undefined, opts.readBytes, sizes)
   } catch {
     return null
   }

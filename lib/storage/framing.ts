@@ -172,10 +172,10 @@ const utf8Write = (Buffer.prototype as unknown as { utf8Write: (this: Buffer, s:
 // PackedSendRecord, and sendText).
 function decodeSend (buf: Buffer, start: number, end: number, packText = false): SendRecord | PackedSendRecord | null {
   if (end - start < sendHeadBytes) return null
-  const fromLen = buf.readUInt16LE(start + 25)
-  const toLen = buf.readUInt16LE(start + 27)
-  const rkLen = buf.readUInt16LE(start + 29) - 1
-  const textLen = buf.readUInt32LE(start + 31)
+  const fromLen = sendFromBytes(buf, start)
+  const toLen = sendToBytes(buf, start)
+  const rkLen = sendKeyBytes(buf, start)
+  const textLen = sendTextBytes(buf, start)
   if (start + sendHeadBytes + fromLen + toLen + Math.max(rkLen, 0) + textLen !== end) return null
   const i = buf.readDoubleLE(start + 1)
   const e = buf.readDoubleLE(start + 9)

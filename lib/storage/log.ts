@@ -23,7 +23,6 @@
 // the last segment is a torn write from a crash: it is truncated with a warning. A damaged frame
 // with a valid frame anywhere after it is corruption, and recovery refuses, naming file and offset.
 
-import fs from 'node:fs'
 import path from 'node:path'
 import { decodeFrame, validFrameAfter, type FrameResult } from './framing.ts'
 import { type FileOps, realFiles, writeAll, fsyncDir } from './files.ts'
@@ -153,8 +152,8 @@ export class SegmentLog {
       .sort((a, b) => a.firstIndex - b.firstIndex)
     const files = this.segments.map(seg => seg.file)
     // The helper thread reads the files itself, so only with the real file system.
-    const parallel = this.files === realFiles && opts.parallelChecksumBytes !== undefined && files.reduce((n, f) => n + fs.statSync(f).size, 0) >= opts.parallelChecksumBytes
-      ? startChecksums(files, limits.recordBytesMax, opts.helperReadBytes)
+    const parallel = this.files === realFiles && opts.parallelChecksumBytes !== undefined
+      ? startChecksums(files, limits.recordBytesMax, { atLeast: opts.parallelChecksumBytes, readBytes: opts.helperReadBytes })
       : null
     this.checksumsInParallel = parallel !== null
     try {

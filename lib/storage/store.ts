@@ -1,7 +1,6 @@
 // A server's data directory: the lock, the log, snapshots, and the policy that ties them
 // together (recover on open, snapshot every N records or M bytes, then drop the covered log).
 
-import fs from 'node:fs'
 import { ChatState } from '../state.ts'
 import type { LogRecord, PackedSendRecord } from '../records.ts'
 import { unpackSend } from './framing.ts'
@@ -134,8 +133,8 @@ export class Store {
   private loadSnapshot (parallelChecksumBytes: number | undefined): { state: ChatState, parallel: boolean } {
     const started: { helper: ParallelChecksums | null } = { helper: null }
     const read = (file: string): HelperRead | null => {
-      if (this.files !== realFiles || parallelChecksumBytes === undefined || fs.statSync(file).size < parallelChecksumBytes) return null
-      started.helper = startChecksums([file], null, this.helperReadBytes)
+      if (this.files !== realFiles || parallelChecksumBytes === undefined) return null
+      started.helper = startChecksums([file], null, { atLeast: parallelChecksumBytes, readBytes: this.helperReadBytes })
       return started.helper?.take(0) ?? null
     }
     try {
